@@ -1,0 +1,71 @@
+"""The interface between the training loop and a task (model + data + loss).
+
+A task keeps its data in memory as tensors and hands out batches by index, so the loop owns the
+data order (a seeded permutation per epoch) and a resumed run can continue at the exact sample.
+
+The objective of one optimizer step is ``sum(loss_sum) / sum(weight)`` over every micro-batch of
+the effective batch (and every rank). ``weight`` is known before the forward pass (examples for
+classification, masked tokens for MLM), so the loop can scale each micro-batch's ``loss_sum`` by
+the total weight and gradient accumulation equals one big batch exactly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """Tensors of one (micro-)batch plus its weight in the objective (examples or tokens)."""
+
+    tensors: dict[str, torch.Tensor]
+    weight: int
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.weight)
+
+
+class Task(ABC):
+    """A built-in or user task. Subclasses set ``name`` and ``metric`` (the headline eval metric)."""
+
+    name: str = "task"
+    metric: str = "accuracy"  # key of evaluate()'s result that studies report; higher is better
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (initialisation uses the global torch RNG)."""
+
+    @abstractmethod
+    def num_examples(self, split: str) -> int:
+        """Number of examples in ``split`` ("train" or "eval")."""
+
+    @abstractmethod
+    def get_batch(self, split: str, indices: torch.Tensor, generator: torch.Generator | None = None) -> Batch:
+        """The examples at ``indices``. Random augmentation/masking must draw only from ``generator``."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum of per-item losses over the batch, extra metric *sums* such as correct counts)."""
+
+    def evaluate(self, model: nn.Module, batch_size: int = 1024, device: str | torch.device = "cpu") -> dict[str, float]:
+        """Mean loss and metrics over the whole eval split (deterministic)."""
+        model.eval()
+        totals: dict[str, float] = {}
+        weight = 0
+        gen = torch.Generator().manual_seed(1234)
+        n = self.num_examples("eval")
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                idx = torch.arange(start, min(n, start + batch_size))
+                batch = self.get_batch("eval", idx, gen).to(device)
+                loss_sum, sums = self.loss(model, batch)
+                totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                weight += batch.weight
+        model.train()
+        return {k: v / max(weight, 1) for k, v in totals.items()}
