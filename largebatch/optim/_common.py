@@ -1,0 +1,160 @@
+"""Pieces shared by the layer-wise optimizers: validation, the trust ratio, norms, non-finite checks.
+
+Everything here works on tensors and never reads a value back to the host, so the optimizers that
+use it run under ``torch.compile`` and on accelerators without a synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+NONFINITE_POLICIES = ("skip", "raise", "none")
+NESTEROV_MODES = (None, "first", "both")
+
+# A reducer receives a 1-d float tensor of *local* squared sums (one entry per logical tensor, or
+# several such vectors concatenated) and returns the global sums. The identity when nothing is
+# sharded; an all-reduce over the shard group under FSDP/ZeRO (see largebatch.distributed).
+SquaredSumReducer = Callable[[Tensor], Tensor]
+
+
+def check_nonneg(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be a finite number >= 0")
+
+
+def check_betas(betas: Sequence[float]) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta1, beta2) with 0 <= beta < 1")
+    for i, b in enumerate(betas):
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r}; it must be in [0, 1)")
+
+
+def check_phi(phi: tuple[float, float] | None) -> None:
+    if phi is None:
+        return
+    if not isinstance(phi, (tuple, list)) or len(phi) != 2:
+        raise ValueError(f"Invalid phi: {phi!r}; it must be None (identity) or a pair (gamma_l, gamma_u)")
+    lo, hi = phi
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))) or not (0 <= lo < hi):
+        raise ValueError(
+            f"Invalid phi bounds: (gamma_l={lo!r}, gamma_u={hi!r}); they must satisfy 0 <= gamma_l < gamma_u"
+        )
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed values are {', '.join(repr(a) for a in allowed)}")
+
+
+def check_max_grad_norm(value: float | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid max_grad_norm value: {value!r}; it must be None (no clipping) or a finite number > 0")
+
+
+def check_grad(p: Tensor, name: str) -> None:
+    if p.grad is not None and p.grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients; use a dense gradient (e.g. nn.Embedding(sparse=False))")
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype in which state is kept and arithmetic is done: float32 for 16-bit parameters."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def apply_phi(w_norm: Tensor, phi: tuple[float, float] | None) -> Tensor:
+    """phi(z) = z, or the paper's clipped phi(z) = min(max(z, gamma_l), gamma_u)."""
+    if phi is None:
+        return w_norm
+    return w_norm.clamp(min=phi[0], max=phi[1])
+
+
+def trust_ratio(
+    w_norm: Tensor,
+    u_norm: Tensor,
+    *,
+    phi: tuple[float, float] | None = None,
+    trust_clip: bool = False,
+    coefficient: float = 1.0,
+    denominator_extra: Tensor | float = 0.0,
+) -> Tensor:
+    """``coefficient * phi(||w||) / (||u|| + denominator_extra)``, and 1 where either norm is 0.
+
+    Works elementwise on tensors of norms (one entry per parameter tensor). The "either norm is 0"
+    rule is applied to the raw norms, before phi, as every reference implementation does.
+    ``trust_clip`` caps the ratio at 1 (LAMBC).
+    """
+    denom = u_norm + denominator_extra
+    ratio = coefficient * apply_phi(w_norm, phi) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+    if trust_clip:
+        ratio = ratio.clamp(max=1.0)
+    return ratio
+
+
+def layer_norms(xs: list[Tensor], us: list[Tensor], reduce: SquaredSumReducer | None) -> tuple[Tensor, Tensor]:
+    """(||x_i||, ||u_i||) for each tensor i, as two 1-d tensors.
+
+    With a ``reduce`` (sharded parameters), the local squared sums of all tensors go through ONE
+    call of ``reduce`` (one collective), and the norms are the square roots of the global sums.
+    """
+    w = torch.stack(torch._foreach_norm(xs))
+    u = torch.stack(torch._foreach_norm(us))
+    if reduce is None:
+        return w, u
+    sq = reduce(torch.cat([w, u]).square())
+    return sq.sqrt().chunk(2)
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-d bool tensor: every element of every tensor is finite (no host sync)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    maxes = torch._foreach_norm(tensors, float("inf"))
+    return torch.isfinite(torch.stack([m.float() for m in maxes]).sum())
+
+
+def global_grad_norm(grads: list[Tensor], reduce: SquaredSumReducer | None = None) -> Tensor:
+    """The l2 norm of all gradients together, as a 0-d float32 tensor (non-finite if any is)."""
+    if not grads:
+        return torch.zeros(())
+    sq = torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)]).sum().reshape(1)
+    if reduce is not None:
+        sq = reduce(sq)
+    return sq.sqrt().reshape(())
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (total_norm + 1e-6))."""
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+
+
+class Telemetry:
+    """Per-parameter weight norm, update norm and trust ratio of the last step, kept as tensors.
+
+    Nothing is copied to the host until ``read()`` is called, so recording costs no sync.
+    """
+
+    def __init__(self) -> None:
+        self._records: list[tuple[list[Tensor], Tensor, Tensor, Tensor]] = []
+
+    def clear(self) -> None:
+        self._records = []
+
+    def record(self, params: list[Tensor], w_norm: Tensor, u_norm: Tensor, ratio: Tensor) -> None:
+        self._records.append((list(params), w_norm.detach(), u_norm.detach(), ratio.detach()))
+
+    def read(self) -> dict[Tensor, dict[str, float]]:
+        """{parameter: {"weight_norm", "update_norm", "trust_ratio"}} for the last step (host sync)."""
+        out: dict[Tensor, dict[str, float]] = {}
+        for params, w, u, r in self._records:
+            w, u, r = (t.float().cpu().tolist() for t in (w, u, r))
+            for i, p in enumerate(params):
+                out[p] = {"weight_norm": w[i], "update_norm": u[i], "trust_ratio": r[i]}
+        return out

@@ -1,0 +1,174 @@
+"""The base class of Lamb and Lars: gathering, global clipping, non-finite policy, master weights.
+
+Subclasses supply ``_init_state(p, state)`` and ``_update(group, xs, grads, states, ok, grad_scale)``;
+the base class does everything that is the same for every layer-wise optimizer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from largebatch.optim._fused import fused_available
+from largebatch.optim._common import (
+    NONFINITE_POLICIES,
+    SquaredSumReducer,
+    Telemetry,
+    all_finite,
+    check_choice,
+    check_grad,
+    check_max_grad_norm,
+    clip_coefficient,
+    compute_dtype,
+    global_grad_norm,
+)
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Shared machinery; see :class:`largebatch.Lamb` for the options documented in full."""
+
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        max_grad_norm: float | None,
+        nonfinite: str,
+        foreach: bool | None,
+        fused: bool | None,
+        master_weights: bool,
+        norm_reducer: SquaredSumReducer | None,
+    ) -> None:
+        check_max_grad_norm(max_grad_norm)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r}; allowed values are None (auto), True, False")
+        if norm_reducer is not None and not callable(norm_reducer):
+            raise ValueError(f"Invalid norm_reducer: {norm_reducer!r}; it must be None or a callable Tensor -> Tensor")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r}; allowed values are None (auto), True, False")
+        if fused and foreach is False:
+            raise ValueError("fused=True and foreach=False contradict each other; choose one path")
+        super().__init__(params, defaults)
+        self.fused = fused
+        self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
+        self.foreach = foreach
+        self.master_weights = master_weights
+        self.norm_reducer = norm_reducer
+        self.telemetry = Telemetry()
+        # Cumulative count of (group, step) pairs skipped because of non-finite gradients; a 0-d
+        # tensor so that counting needs no host sync. Read it with int(opt.skipped_steps).
+        self.skipped_steps = torch.zeros((), dtype=torch.int64)
+        self.last_grad_norm: Tensor | None = None
+
+    # -- per-subclass hooks -------------------------------------------------------------------
+    def _init_state(self, p: Tensor, state: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update(self, group: dict, xs, grads, states, ok, grad_scale, use_foreach: bool) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _use_foreach(self, params: list[Tensor]) -> bool:
+        # The multi-tensor path is the default on every device; foreach=False selects the
+        # readable single-tensor reference path.
+        return True if self.foreach is None else self.foreach
+
+    def _use_fused(self, xs: list[Tensor]) -> bool:
+        """fused=None: the fused backend when it supports these tensors and foreach is not False."""
+        if self.fused is False or self.foreach is False:
+            return False
+        available = fused_available(xs)
+        if self.fused and not available:
+            raise RuntimeError(
+                f"{type(self).__name__}(fused=True): no fused backend for tensors of "
+                f"{sorted({(str(x.device), str(x.dtype)) for x in xs})}; use fused=None to fall back"
+            )
+        return available
+
+    def _gather(self, group: dict):
+        params, grads, states = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, type(self).__name__)
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, state)
+                if self.master_weights and p.dtype != compute_dtype(p):
+                    state["master"] = p.detach().to(compute_dtype(p)).clone()
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+        return params, grads, states
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform one optimisation step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.telemetry.clear()
+        gathered = [self._gather(g) for g in self.param_groups]
+
+        grad_scale = None
+        global_ok = None
+        if self.max_grad_norm is not None:
+            all_grads = [g for _, grads, _ in gathered for g in grads]
+            norm = global_grad_norm(all_grads, self.norm_reducer)
+            self.last_grad_norm = norm
+            # With global clipping a non-finite gradient anywhere poisons the clip factor, so the
+            # whole step is skipped; without it each group is checked on its own.
+            global_ok = torch.isfinite(norm)
+            grad_scale = torch.where(global_ok, clip_coefficient(norm, self.max_grad_norm), 1.0)
+
+        for group, (params, grads, states) in zip(self.param_groups, gathered):
+            if not params:
+                continue
+            ok = None
+            if self.nonfinite != "none":
+                ok = global_ok if global_ok is not None else self._group_ok(grads)
+                if self.nonfinite == "raise" and not bool(ok):  # documented: this policy syncs
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: non-finite gradient in a parameter group "
+                        f"(nonfinite='raise'); use nonfinite='skip' to skip such steps instead"
+                    )
+                self.skipped_steps += (~ok).to(torch.int64).to(self.skipped_steps.device)
+            self._step_group(group, params, grads, states, ok, grad_scale)
+        return loss
+
+    def _record(self, params, xs, updated, norms) -> None:
+        owner = {id(x): p for p, x in zip(params, xs)}
+        self.telemetry.record([owner[id(x)] for x in updated], *norms)
+
+    def _group_ok(self, grads: list[Tensor]) -> Tensor:
+        ok = all_finite(grads)
+        if self.norm_reducer is not None:
+            ok = self.norm_reducer((~ok).float().reshape(1)).reshape(()) == 0
+        return ok
+
+    def _step_group(self, group, params, grads, states, ok, grad_scale) -> None:
+        # Parameters are updated through their float32 master copy when they are 16-bit.
+        xs = [s.get("master", p) for p, s in zip(params, states)]
+        use_foreach = self._use_foreach(params)
+        if use_foreach:
+            # The multi-tensor path needs tensors of one device and dtype per call.
+            buckets: dict = defaultdict(lambda: ([], [], []))
+            for x, g, s in zip(xs, grads, states):
+                b = buckets[(x.device, x.dtype)]
+                b[0].append(x)
+                b[1].append(g)
+                b[2].append(s)
+            for bx, bg, bs in buckets.values():
+                self._record(params, xs, bx, self._update(group, bx, bg, bs, ok, grad_scale, True))
+        else:
+            self._record(params, xs, xs, self._update(group, xs, grads, states, ok, grad_scale, False))
+        for p, x in zip(params, xs):
+            if x is not p:
+                p.copy_(x)

@@ -1,0 +1,100 @@
+"""Parameter groups that exclude biases and normalisation parameters from weight decay and,
+separately, from layer-wise adaptation (the trust ratio)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+# Name patterns (fnmatch, matched against the full parameter name, case-insensitive) of parameters
+# that are excluded by default: biases and the parameters of normalisation layers.
+DEFAULT_EXCLUDE_PATTERNS = ("*bias", "*layernorm*", "*layer_norm*", "*norm.weight", "*.bn*", "*batchnorm*", "*ln_*")
+
+
+def _model_no_weight_decay(model: nn.Module) -> set[str]:
+    """Names returned by ``model.no_weight_decay()`` (timm's hook), if the model has one."""
+    hook = getattr(model, "no_weight_decay", None)
+    return set(hook()) if callable(hook) else set()
+
+
+def is_excluded(
+    name: str,
+    param,
+    *,
+    by_ndim: bool = True,
+    patterns: Iterable[str] = DEFAULT_EXCLUDE_PATTERNS,
+    names: Iterable[str] = (),
+) -> bool:
+    """Whether a parameter is a bias/normalisation parameter: ndim <= 1, a pattern, or a listed name."""
+    lname = name.lower()
+    if by_ndim and param.ndim <= 1:
+        return True
+    if name in set(names) or any(name.startswith(n + ".") for n in names):
+        return True
+    return any(fnmatch.fnmatchcase(lname, p.lower()) for p in patterns)
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    exclude_from_weight_decay: str | Iterable[str] = "default",
+    exclude_from_adaptation: str | Iterable[str] = "same",
+    by_ndim: bool = True,
+    lr_scale: dict[str, float] | None = None,
+) -> list[dict]:
+    """Split ``model``'s trainable parameters into groups with their own ``weight_decay`` and ``adapt``.
+
+    Args:
+        model: the module whose ``named_parameters()`` are grouped (frozen ones are left out).
+        weight_decay: the decay of the parameters that are not excluded.
+        exclude_from_weight_decay: "default" (ndim <= 1 if ``by_ndim``, DEFAULT_EXCLUDE_PATTERNS,
+            and the names of ``model.no_weight_decay()``), "none", or an iterable of fnmatch
+            patterns / exact names used instead of the default patterns.
+        exclude_from_adaptation: "same" (the BERT/TF Addons practice: whatever is excluded from
+            weight decay is also excluded from the trust ratio), "default", "none", or patterns.
+        by_ndim: treat every parameter with ndim <= 1 as excluded under "default".
+        lr_scale: optional {pattern: factor}; matching parameters get ``lr_scale`` in their group,
+            honoured by :class:`largebatch.schedules` adapters.
+
+    Returns:
+        A list of param-group dicts (empty groups dropped), each with "params", "param_names",
+        "weight_decay" and "adapt" (and "lr_scale" where given). torch optimizers ignore "adapt".
+    """
+    model_names = _model_no_weight_decay(model)
+
+    def rule(spec, what: str):
+        if isinstance(spec, str):
+            if spec == "default":
+                return lambda n, p: is_excluded(n, p, by_ndim=by_ndim, names=model_names)
+            if spec == "none":
+                return lambda n, p: False
+            raise ValueError(f"Invalid {what}: {spec!r}; allowed are 'default', 'none'"
+                             + (", 'same'" if what == "exclude_from_adaptation" else "") + " or a list of name patterns")
+        pats = tuple(spec)
+        return lambda n, p: is_excluded(n, p, by_ndim=False, patterns=pats, names=())
+
+    no_decay = rule(exclude_from_weight_decay, "exclude_from_weight_decay")
+    no_adapt = no_decay if exclude_from_adaptation == "same" else rule(exclude_from_adaptation, "exclude_from_adaptation")
+    if weight_decay < 0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; it must be >= 0")
+
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        for pat, f in (lr_scale or {}).items():
+            if fnmatch.fnmatchcase(name, pat):
+                scale = f
+        key = (no_decay(name, p), no_adapt(name, p), scale)
+        if key not in groups:
+            g = {"params": [], "param_names": [], "weight_decay": 0.0 if key[0] else weight_decay, "adapt": not key[1]}
+            if lr_scale:
+                g["lr_scale"] = scale
+            groups[key] = g
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())

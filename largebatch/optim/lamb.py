@@ -1,0 +1,346 @@
+"""LAMB (You et al., ICLR 2020, Algorithm 2) and its Nesterov variants N-LAMB and NN-LAMB.
+
+Layers: the :class:`Lamb` optimizer validates and gathers; :func:`lamb` is the functional entry
+point that dispatches to ``_single_tensor_lamb`` (the readable reference, one tensor at a time) or
+``_multi_tensor_lamb`` (the same math on ``torch._foreach_*`` with per-tensor scalars kept in
+tensors, so no host sync and no graph break under ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from largebatch.optim._common import (
+    NESTEROV_MODES,
+    layer_norms as _norms,
+    SquaredSumReducer,
+    check_betas,
+    check_choice,
+    check_nonneg,
+    check_phi,
+    compute_dtype,
+    trust_ratio,
+)
+from largebatch.optim._fused import fused_lamb
+from largebatch.optim._layerwise import LayerwiseOptimizer
+
+__all__ = ["Lamb", "lamb"]
+
+
+class Lamb(LayerwiseOptimizer):
+    r"""LAMB: Adam's direction, decoupled weight decay, then a per-tensor trust ratio.
+
+    For each parameter tensor ``x`` (one "layer") with gradient ``g`` at step ``t`` (Algorithm 2)::
+
+        m_t = beta1 * m_{t-1} + (1 - beta1) * g_t
+        v_t = beta2 * v_{t-1} + (1 - beta2) * g_t**2
+        m_hat = m_t / (1 - beta1**t),  v_hat = v_t / (1 - beta2**t)     (if bias_correction)
+        r_t = m_hat / (sqrt(v_hat) + eps)
+        u_t = r_t + weight_decay * x_t                                   (decay inside the ratio)
+        x_{t+1} = x_t - lr * ratio * u_t,  ratio = phi(||x_t||) / ||u_t||
+
+    ``ratio = 1`` when ``||x_t||`` or ``||u_t||`` is 0, or when the group has ``adapt=False``; with
+    ``adapt=False`` everywhere Lamb is exactly ``torch.optim.AdamW``.
+
+    Nesterov variants (the paper's appendix, in the simplified Nadam form with constant beta1;
+    Dozat's original also schedules beta1, which is not done here)::
+
+        nesterov="first" (N-LAMB):  m_hat = beta1 * m_t / (1 - beta1**(t+1)) + (1 - beta1) * g_t / (1 - beta1**t)
+                                    v_hat = v_t / (1 - beta2**t)
+        nesterov="both" (NN-LAMB):  m_hat as N-LAMB,
+                                    v_hat = beta2 * v_t / (1 - beta2**(t+1)) + (1 - beta2) * g_t**2 / (1 - beta2**t)
+
+    With ``bias_correction=False`` every ``1 - beta**k`` denominator above is replaced by 1.
+
+    Args:
+        params: parameters or parameter groups (see :func:`largebatch.param_groups`).
+        lr: learning rate eta (>= 0).
+        betas: (beta1, beta2), each in [0, 1).
+        eps: added to sqrt(v_hat) (>= 0). Default 1e-6 (BERT practice).
+        weight_decay: decoupled weight decay lambda (>= 0), added to the direction before the ratio.
+        bias_correction: divide the moments by (1 - beta**t). True as in TF Addons; the original
+            TensorFlow/ALBERT code uses False.
+        adapt: per-group switch of the trust ratio (False: ratio = 1, as for biases/norms in BERT).
+        phi: None for phi(z) = z, or (gamma_l, gamma_u) for phi(z) = min(max(z, gamma_l), gamma_u).
+        trust_clip: cap the ratio at 1 ("LAMBC").
+        nesterov: None, "first" (N-LAMB) or "both" (NN-LAMB).
+        max_grad_norm: if set, all gradients of the optimizer are scaled together by
+            min(1, max_grad_norm / (||g||_2 + 1e-6)) before the moments (BERT practice: 1.0).
+            The gradients themselves are not modified.
+        nonfinite: what a non-finite (inf/nan) gradient does. "skip" (default): that group's step
+            is skipped, neither parameters nor state change, and ``skipped_steps`` counts it (with
+            ``max_grad_norm`` the whole step is skipped, because the global norm is non-finite).
+            "raise": FloatingPointError (this policy reads a flag on the host every step).
+            "none": no check (fastest; a non-finite gradient then corrupts the state).
+        foreach: True/None for the multi-tensor path, False for the single-tensor reference path.
+        fused: None (default) uses the fused backend where it supports the tensors, else foreach;
+            True requires it; False never uses it.
+        master_weights: keep a float32 copy of 16-bit parameters in the state and update that
+            (saved in the state dict, so it survives checkpoints). Moments of 16-bit parameters
+            are float32 in any case; float32/float64 parameters keep state in their own dtype.
+        norm_reducer: callable summing squared norms over a shard group (see largebatch.distributed);
+            None when parameters are not sharded.
+
+    After a step, ``telemetry.read()`` gives each parameter's weight norm ``||x||``, update norm
+    ``||u||`` and trust ratio (kept as tensors until read, so recording costs no host sync).
+
+    Reference: Y. You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
+    minutes", ICLR 2020, https://arxiv.org/abs/1904.00962
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Lamb(model.parameters(), lr=1e-3, weight_decay=0.01)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        *,
+        adapt: bool = True,
+        phi: tuple[float, float] | None = None,
+        trust_clip: bool = False,
+        nesterov: str | None = None,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        master_weights: bool = True,
+        norm_reducer: SquaredSumReducer | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            adapt=adapt,
+            phi=phi,
+            trust_clip=trust_clip,
+            nesterov=nesterov,
+        )
+        self._check_group(defaults)
+        super().__init__(
+            params,
+            defaults,
+            max_grad_norm=max_grad_norm,
+            nonfinite=nonfinite,
+            foreach=foreach,
+            fused=fused,
+            master_weights=master_weights,
+            norm_reducer=norm_reducer,
+        )
+        for group in self.param_groups:
+            self._check_group(group)
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        check_nonneg("learning rate", group["lr"])
+        check_nonneg("epsilon", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_betas(group["betas"])
+        check_phi(group["phi"])
+        check_choice("nesterov", group["nesterov"], NESTEROV_MODES)
+        for flag in ("bias_correction", "adapt", "trust_clip"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "telemetry"):  # groups added after construction are validated too
+            self._check_group(self.param_groups[-1])
+
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        dt = compute_dtype(p)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+
+    def _update(self, group, xs, grads, states, ok, grad_scale, use_foreach):
+        beta1, beta2 = group["betas"]
+        return lamb(
+            xs,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            bias_correction=group["bias_correction"],
+            adapt=group["adapt"],
+            phi=group["phi"],
+            trust_clip=group["trust_clip"],
+            nesterov=group["nesterov"],
+            ok=ok,
+            grad_scale=grad_scale,
+            reduce=self.norm_reducer,
+            foreach=use_foreach,
+            fused=self._use_fused(xs),
+        )
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool = True,
+    adapt: bool = True,
+    phi: tuple[float, float] | None = None,
+    trust_clip: bool = False,
+    nesterov: str | None = None,
+    ok: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    reduce: SquaredSumReducer | None = None,
+    foreach: bool = True,
+    fused: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Functional LAMB step on lists of tensors, updated in place. See :class:`Lamb` for the math.
+
+    ``params`` are the tensors to update (float32 masters of 16-bit parameters); ``ok`` is a 0-d bool
+    tensor (False: leave everything unchanged); ``grad_scale`` a 0-d tensor multiplying the
+    gradients (global clipping). Returns (weight norms, update norms, trust ratios), one entry per
+    tensor, as tensors.
+    """
+    fn = fused_lamb if fused else _multi_tensor_lamb if foreach else _single_tensor_lamb
+    return fn(
+        params, grads, exp_avgs, exp_avg_sqs, steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        bias_correction=bias_correction, adapt=adapt, phi=phi, trust_clip=trust_clip,
+        nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
+    )  # fmt: skip
+
+
+def _single_tensor_lamb(
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+):  # fmt: skip
+    """The reference: Algorithm 2 written out for one tensor at a time."""
+    n = len(params)
+    w_norms, u_norms, ratios = [], [], []
+    if ok is not None and not bool(ok):  # skip: nothing changes (this path may sync; it is the reference)
+        zero = torch.zeros(n)
+        return zero, zero, torch.ones(n)
+    for x, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        g = grad.to(x.dtype)
+        if grad_scale is not None:
+            g = g * grad_scale.to(x.dtype)
+        step_t += 1
+        t = step_t.to(x.dtype)
+
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+        def bc(beta: float, k: Tensor) -> Tensor:
+            return 1 - beta**k if bias_correction else torch.ones_like(k)
+
+        if nesterov is None:
+            m_hat = m / bc(beta1, t)
+        else:
+            m_hat = m * (beta1 / bc(beta1, t + 1)) + g * ((1 - beta1) / bc(beta1, t))
+        if nesterov == "both":
+            v_hat = v * (beta2 / bc(beta2, t + 1)) + (g * g) * ((1 - beta2) / bc(beta2, t))
+        else:
+            v_hat = v / bc(beta2, t)
+
+        u = m_hat / (v_hat.sqrt() + eps)
+        if weight_decay != 0:
+            u = u + weight_decay * x
+
+        w_norm, u_norm = (n[0] for n in _norms([x], [u], reduce))
+        ratio = trust_ratio(w_norm, u_norm, phi=phi, trust_clip=trust_clip) if adapt else torch.ones_like(w_norm)
+
+        x.add_(u * (-lr * ratio))
+        w_norms.append(w_norm)
+        u_norms.append(u_norm)
+        ratios.append(ratio)
+    return torch.stack(w_norms), torch.stack(u_norms), torch.stack(ratios)
+
+
+def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
+    """1 - beta**t per tensor, and 1 where t == 0 (a first step that was skipped) or when disabled."""
+    if not enabled:
+        return torch.ones_like(t)
+    return torch.where(t > 0, 1 - beta**t, torch.ones_like(t))
+
+
+def _multi_tensor_lamb(
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+):  # fmt: skip
+    """Algorithm 2 on lists of tensors with ``torch._foreach_*``; per-tensor scalars live in tensors.
+
+    Skipping is done arithmetically so that nothing is read on the host: gradients are zeroed
+    where ``ok`` is False and the decay factors become 1, which leaves every tensor bit-identical.
+    """
+    if not params:
+        return torch.zeros(0), torch.zeros(0), torch.zeros(0)
+    dt = params[0].dtype
+    device = params[0].device
+    g = [gr if gr.dtype == dt else gr.to(dt) for gr in grads]
+    if ok is not None:
+        g = [torch.where(ok, gi, torch.zeros((), dtype=dt, device=device)) for gi in g]
+        okf = ok.to(dt)
+    if grad_scale is not None:
+        g = torch._foreach_mul(g, grad_scale.to(dt))
+
+    torch._foreach_add_(steps, 1 if ok is None else ok.to(steps[0].dtype))
+    t = torch.stack(steps).to(dt)
+
+    if ok is None:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+    else:  # a decay of exactly 1 keeps the moments when the (zeroed) gradient is skipped
+        one = torch.ones((), dtype=dt, device=device)
+        torch._foreach_mul_(exp_avgs, torch.where(ok, beta1 * one, one))
+        torch._foreach_mul_(exp_avg_sqs, torch.where(ok, beta2 * one, one))
+    torch._foreach_add_(exp_avgs, g, alpha=1 - beta1)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
+
+    bc1 = _bias_correction(beta1, t, bias_correction)
+    bc2 = _bias_correction(beta2, t, bias_correction)
+    if nesterov is None:
+        m_hat = torch._foreach_div(exp_avgs, bc1.unbind())
+    else:
+        m_hat = torch._foreach_mul(exp_avgs, (beta1 / _bias_correction(beta1, t + 1, bias_correction)).unbind())
+        torch._foreach_add_(m_hat, torch._foreach_mul(g, ((1 - beta1) / bc1).unbind()))
+    if nesterov == "both":
+        v_hat = torch._foreach_mul(exp_avg_sqs, (beta2 / _bias_correction(beta2, t + 1, bias_correction)).unbind())
+        g2 = torch._foreach_mul(g, g)
+        torch._foreach_add_(v_hat, torch._foreach_mul(g2, ((1 - beta2) / bc2).unbind()))
+    else:
+        v_hat = torch._foreach_div(exp_avg_sqs, bc2.unbind())
+
+    torch._foreach_sqrt_(v_hat)
+    torch._foreach_add_(v_hat, eps)
+    u = torch._foreach_div(m_hat, v_hat)
+    del m_hat, v_hat
+    if weight_decay != 0:
+        torch._foreach_add_(u, torch._foreach_mul(params, weight_decay))
+
+    w_norm, u_norm = _norms(params, u, reduce)
+    ratio = trust_ratio(w_norm, u_norm, phi=phi, trust_clip=trust_clip) if adapt else torch.ones_like(w_norm)
+
+    scale = -lr * ratio
+    if ok is not None:
+        scale = scale * okf
+    torch._foreach_mul_(u, scale.unbind())
+    torch._foreach_add_(params, u)
+    return w_norm, u_norm, ratio

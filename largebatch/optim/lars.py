@@ -1,0 +1,310 @@
+"""LARS in two forms: the paper's Algorithm 1 ("paper") and You et al. 2017's local-LR LARS ("classic").
+
+Same four layers as :mod:`largebatch.optim.lamb`: the :class:`Lars` class, the functional
+:func:`lars`, the single-tensor reference and the multi-tensor path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from largebatch.optim._common import (
+    SquaredSumReducer,
+    check_choice,
+    check_nonneg,
+    check_phi,
+    compute_dtype,
+    layer_norms,
+    trust_ratio,
+)
+from largebatch.optim._fused import fused_lars
+from largebatch.optim._layerwise import LayerwiseOptimizer
+
+__all__ = ["Lars", "lars", "LARS_MODES"]
+
+LARS_MODES = ("paper", "classic")
+
+
+class Lars(LayerwiseOptimizer):
+    r"""LARS: momentum with a per-tensor (layer-wise) learning rate.
+
+    ``mode="paper"`` is Algorithm 1 of You et al. 2020 (momentum of the decayed gradient, then the
+    momentum is normalised per tensor)::
+
+        d_t = g_t + weight_decay * x_t
+        m_t = momentum * m_{t-1} + (1 - momentum) * d_t
+        n_t = m_t, or momentum * m_t + (1 - momentum) * d_t        (nesterov=True)
+        x_{t+1} = x_t - lr * ratio * n_t,  ratio = trust_coefficient * phi(||x_t||) / (||n_t|| + eps)
+
+    ``mode="classic"`` is LARS as in You et al. 2017 and most libraries (timm, LARC): the gradient
+    is scaled by a local learning rate and momentum is applied after::
+
+        local_lr = trust_coefficient * ||x_t|| / (||g_t|| + weight_decay * ||x_t|| + eps)
+        local_lr = min(local_lr / lr, 1)                               (clip=True, LARC)
+        d_t = (g_t + weight_decay * x_t) * local_lr
+        b_t = momentum * b_{t-1} + d_t                                  (torch.optim.SGD's buffer)
+        x_{t+1} = x_t - lr * (b_t, or d_t + momentum * b_t with nesterov=True)
+
+    In both modes the ratio (local lr) is 1 when ``||x||`` or the other norm is 0, and when the
+    group has ``adapt=False`` (then "classic" is SGD with momentum and "paper" is SGD with momentum
+    dampening ``1 - momentum``). In "paper" mode ``clip=True`` caps the ratio at 1.
+
+    Args:
+        params: parameters or parameter groups (see :func:`largebatch.param_groups`).
+        lr: learning rate (>= 0).
+        momentum: beta1 in [0, 1).
+        weight_decay: lambda (>= 0), added to the gradient (inside the norm) in both modes.
+        trust_coefficient: eta of You et al. 2017. Default: 1.0 in "paper" mode (Algorithm 1 has
+            none) and 0.001 in "classic" mode (timm, LARC, NVIDIA's LARS).
+        eps: added to the denominator of the ratio. Default: 0.0 in "paper" mode, 1e-8 in "classic".
+        nesterov: Nesterov momentum (see the equations above).
+        mode: "paper" or "classic".
+        clip: LARC clipping (classic) or ratio <= 1 (paper).
+        phi: None, or (gamma_l, gamma_u) for the clipped phi of the paper ("paper" mode only).
+        adapt: per-group switch of the layer-wise ratio.
+        max_grad_norm, nonfinite, foreach, fused, master_weights, norm_reducer: as in :class:`largebatch.Lamb`.
+
+    References: Y. You, I. Gitman, B. Ginsburg, "Large Batch Training of Convolutional Networks",
+    2017, https://arxiv.org/abs/1708.03888; Y. You et al., ICLR 2020, https://arxiv.org/abs/1904.00962
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float | None = None,
+        eps: float | None = None,
+        nesterov: bool = False,
+        mode: str = "paper",
+        clip: bool = False,
+        *,
+        phi: tuple[float, float] | None = None,
+        adapt: bool = True,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        master_weights: bool = True,
+        norm_reducer: SquaredSumReducer | None = None,
+    ) -> None:
+        check_choice("mode", mode, LARS_MODES)
+        if trust_coefficient is None:
+            trust_coefficient = 1.0 if mode == "paper" else 1e-3
+        if eps is None:
+            eps = 0.0 if mode == "paper" else 1e-8
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            mode=mode,
+            clip=clip,
+            phi=phi,
+            adapt=adapt,
+        )
+        self._check_group(defaults)
+        super().__init__(
+            params,
+            defaults,
+            max_grad_norm=max_grad_norm,
+            nonfinite=nonfinite,
+            foreach=foreach,
+            fused=fused,
+            master_weights=master_weights,
+            norm_reducer=norm_reducer,
+        )
+        for group in self.param_groups:
+            self._check_group(group)
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        check_nonneg("learning rate", group["lr"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_nonneg("epsilon", group["eps"])
+        check_nonneg("trust_coefficient", group["trust_coefficient"])
+        m = group["momentum"]
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0.0 <= m < 1.0:
+            raise ValueError(f"Invalid momentum value: {m!r}; it must be in [0, 1)")
+        check_choice("mode", group["mode"], LARS_MODES)
+        check_phi(group["phi"])
+        if group["phi"] is not None and group["mode"] != "paper":
+            raise ValueError(f"Invalid phi: {group['phi']!r} with mode='classic'; phi bounds exist only in mode='paper'")
+        for flag in ("nesterov", "clip", "adapt"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "telemetry"):
+            self._check_group(self.param_groups[-1])
+
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
+
+    def _update(self, group, xs, grads, states, ok, grad_scale, use_foreach):
+        return lars(
+            xs,
+            grads,
+            [s["momentum_buffer"] for s in states],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            trust_coefficient=group["trust_coefficient"],
+            eps=group["eps"],
+            nesterov=group["nesterov"],
+            mode=group["mode"],
+            clip=group["clip"],
+            phi=group["phi"],
+            adapt=group["adapt"],
+            ok=ok,
+            grad_scale=grad_scale,
+            reduce=self.norm_reducer,
+            foreach=use_foreach,
+            fused=self._use_fused(xs),
+        )
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    mode: str,
+    clip: bool,
+    phi: tuple[float, float] | None = None,
+    adapt: bool = True,
+    ok: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    reduce: SquaredSumReducer | None = None,
+    foreach: bool = True,
+    fused: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Functional LARS step, in place. Returns (weight norms, direction norms, ratios) per tensor.
+
+    The "direction norm" is ||n_t|| in "paper" mode and ||g_t|| in "classic" mode.
+    """
+    fn = fused_lars if fused else _multi_tensor_lars if foreach else _single_tensor_lars
+    return fn(
+        params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, mode=mode, clip=clip,
+        phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
+    )  # fmt: skip
+
+
+def _classic_ratio(w_norm, g_norm, *, lr, weight_decay, trust_coefficient, eps, clip, adapt):
+    if not adapt:
+        return torch.ones_like(w_norm)
+    ratio = trust_ratio(w_norm, g_norm, coefficient=trust_coefficient, denominator_extra=weight_decay * w_norm + eps)
+    if clip:
+        ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)
+    return ratio
+
+
+def _single_tensor_lars(
+    params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
+    nesterov, mode, clip, phi, adapt, ok, grad_scale, reduce,
+):  # fmt: skip
+    """The reference, one tensor at a time."""
+    n = len(params)
+    if ok is not None and not bool(ok):  # skip (the reference may sync)
+        zero = torch.zeros(n)
+        return zero, zero, torch.ones(n)
+    w_norms, d_norms, ratios = [], [], []
+    for x, grad, buf in zip(params, grads, momentum_buffers):
+        g = grad.to(x.dtype)
+        if grad_scale is not None:
+            g = g * grad_scale.to(x.dtype)
+        if mode == "paper":
+            d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g
+            buf.mul_(momentum).add_(d * (1 - momentum))
+            direction = buf * momentum + d * (1 - momentum) if nesterov else buf
+            w_norm, d_norm = (t[0] for t in layer_norms([x], [direction], reduce))
+            if adapt:
+                ratio = trust_ratio(w_norm, d_norm, phi=phi, trust_clip=clip, coefficient=trust_coefficient, denominator_extra=eps)
+            else:
+                ratio = torch.ones_like(w_norm)
+            x.add_(direction * (-lr * ratio))
+        else:
+            w_norm, d_norm = (t[0] for t in layer_norms([x], [g], reduce))
+            ratio = _classic_ratio(
+                w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                eps=eps, clip=clip, adapt=adapt,
+            )  # fmt: skip
+            d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g
+            d = d * ratio
+            buf.mul_(momentum).add_(d)
+            direction = d + buf * momentum if nesterov else buf
+            x.add_(direction * -lr)
+        w_norms.append(w_norm)
+        d_norms.append(d_norm)
+        ratios.append(ratio)
+    return torch.stack(w_norms), torch.stack(d_norms), torch.stack(ratios)
+
+
+def _multi_tensor_lars(
+    params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
+    nesterov, mode, clip, phi, adapt, ok, grad_scale, reduce,
+):  # fmt: skip
+    """The same math on ``torch._foreach_*``; skipping is arithmetic (see _multi_tensor_lamb)."""
+    if not params:
+        return torch.zeros(0), torch.zeros(0), torch.zeros(0)
+    dt = params[0].dtype
+    device = params[0].device
+    g = [gr if gr.dtype == dt else gr.to(dt) for gr in grads]
+    one = torch.ones((), dtype=dt, device=device)
+    if ok is not None:
+        g = [torch.where(ok, gi, torch.zeros((), dtype=dt, device=device)) for gi in g]
+        okf = ok.to(dt)
+    if grad_scale is not None:
+        g = torch._foreach_mul(g, grad_scale.to(dt))
+
+    # momentum factor that becomes 1 (keep the buffer) when the step is skipped
+    mom = momentum if ok is None else torch.where(ok, momentum * one, one)
+    if mode == "paper":
+        d = torch._foreach_add(g, params, alpha=weight_decay) if weight_decay != 0 else g
+        torch._foreach_mul_(momentum_buffers, mom)
+        # the new term vanishes when the step is skipped
+        torch._foreach_add_(momentum_buffers, torch._foreach_mul(d, 1 - momentum if ok is None else (1 - momentum) * okf))
+        if nesterov:
+            direction = torch._foreach_mul(momentum_buffers, momentum)
+            torch._foreach_add_(direction, torch._foreach_mul(d, 1 - momentum))
+        else:
+            direction = [b.clone() for b in momentum_buffers]
+        w_norm, d_norm = layer_norms(params, direction, reduce)
+        if adapt:
+            ratio = trust_ratio(w_norm, d_norm, phi=phi, trust_clip=clip, coefficient=trust_coefficient, denominator_extra=eps)
+        else:
+            ratio = torch.ones_like(w_norm)
+        scale = -lr * ratio
+    else:
+        w_norm, d_norm = layer_norms(params, g, reduce)
+        ratio = _classic_ratio(
+            w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+            eps=eps, clip=clip, adapt=adapt,
+        )  # fmt: skip
+        d = torch._foreach_add(g, params, alpha=weight_decay) if weight_decay != 0 else [gi.clone() for gi in g]
+        torch._foreach_mul_(d, (ratio if ok is None else ratio * okf).unbind())
+        torch._foreach_mul_(momentum_buffers, mom)
+        torch._foreach_add_(momentum_buffers, d)
+        if nesterov:
+            direction = d
+            torch._foreach_add_(direction, torch._foreach_mul(momentum_buffers, momentum))
+        else:
+            direction = [b.clone() for b in momentum_buffers]
+        scale = torch.full_like(ratio, -lr)
+    if ok is not None:
+        scale = scale * okf
+    torch._foreach_mul_(direction, scale.unbind())
+    torch._foreach_add_(params, direction)
+    return w_norm, d_norm, ratio

@@ -1,0 +1,61 @@
+"""Optimizers by name: a registry of frozen records, variants being a name plus defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+
+from largebatch.optim.lamb import Lamb
+from largebatch.optim.lars import Lars
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    name: str
+    cls: Callable
+    description: str
+    defaults: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    layerwise: bool = False  # understands the per-group "adapt" flag
+
+
+def _info(name, cls, description, layerwise=False, **defaults) -> OptimInfo:
+    return OptimInfo(name, cls, description, MappingProxyType(defaults), layerwise)
+
+
+OPTIMIZERS: dict[str, OptimInfo] = {
+    i.name: i
+    for i in (
+        _info("lamb", Lamb, "LAMB, Algorithm 2 of You et al. 2020", True),
+        _info("lambc", Lamb, "LAMB with the trust ratio capped at 1", True, trust_clip=True),
+        _info("nlamb", Lamb, "N-LAMB: Nesterov look-ahead on the first moment", True, nesterov="first"),
+        _info("nnlamb", Lamb, "NN-LAMB: Nesterov look-ahead on both moments", True, nesterov="both"),
+        _info("lars", Lars, "LARS, Algorithm 1 of You et al. 2020 (mode='paper')", True, mode="paper"),
+        _info("lars-classic", Lars, "LARS of You et al. 2017 (local lr, as timm/NVIDIA)", True, mode="classic"),
+        _info("larc", Lars, "classic LARS with LARC clipping min(local_lr/lr, 1)", True, mode="classic", clip=True),
+        _info("adamw", torch.optim.AdamW, "torch.optim.AdamW"),
+        _info("adam", torch.optim.Adam, "torch.optim.Adam (L2 weight decay added to the gradient)"),
+        _info("adagrad", torch.optim.Adagrad, "torch.optim.Adagrad"),
+        _info("sgd", torch.optim.SGD, "torch.optim.SGD with momentum 0.9", momentum=0.9),
+        _info("momentum", torch.optim.SGD, "torch.optim.SGD with momentum 0.9", momentum=0.9),
+        _info("nesterov", torch.optim.SGD, "torch.optim.SGD with Nesterov momentum 0.9", momentum=0.9, nesterov=True),
+    )
+}
+
+
+def create_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, **options) -> torch.optim.Optimizer:
+    """Build the optimizer called ``name`` (see ``OPTIMIZERS``) with its variant defaults.
+
+    Per-group "adapt" flags (from :func:`largebatch.param_groups`) are dropped for optimizers that
+    have no layer-wise adaptation.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZERS)}")
+    info = OPTIMIZERS[name]
+    params = list(params)
+    if not info.layerwise:
+        params = [{k: v for k, v in g.items() if k != "adapt"} if isinstance(g, dict) else g for g in params]
+    kwargs = {**info.defaults, **options}
+    return info.cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
