@@ -1,0 +1,417 @@
+"""``bert-mlm``: a small BERT pretrained by masked language modelling on Shakespeare.
+
+The paper's headline experiment is BERT pretraining (masked LM + next-sentence prediction on
+Wikipedia/BooksCorpus, sequence length 128 then 512). This task is the same objective at CPU scale:
+
+- Corpus: the bundled 42 works of Shakespeare (``data/shakespeare/works``), or any folder of
+  ``*.txt``/``*.txt.gz`` files. The split is by work, so held-out text is never seen in training:
+  ``hamlet``, ``macbeth``, ``sonnets`` and ``twelfth_night`` (about 10% of the words; two
+  tragedies, a comedy and the poems) form "eval", the other 38 works "train". A corpus without
+  those names holds out every work whose sorted position i has ``i % 10 == 9`` (the last work
+  when there are fewer than ten). Option ``eval_works`` names the held-out works explicitly.
+- Tokenizer: a WordPiece tokenizer (Hugging Face ``tokenizers``: BertNormalizer with lower-casing,
+  BertPreTokenizer, WordPieceTrainer; special tokens ``[PAD] [UNK] [CLS] [SEP] [MASK]`` = ids 0-4)
+  trained on the training split only. It and the token ids of both splits are cached in
+  :func:`largebatch.train.data.cache_dir` under a hash of the corpus and the vocabulary size, and
+  written atomically, so only the first construction trains or tokenizes.
+- Sequences: each split's works are tokenized line by line and concatenated (in name order) into
+  one token stream, cut into consecutive windows of ``seq_len - 2`` tokens, each wrapped as
+  ``[CLS] window [SEP]``; the tail shorter than a window is dropped. No padding, no sentence pairs
+  and no next-sentence prediction (RoBERTa showed NSP unnecessary; the paper's optimizer claims do
+  not depend on it).
+- Masking (Devlin et al. 2019): each non-special token is selected with probability 15%; a
+  selected token becomes ``[MASK]`` with probability 80%, a uniformly random non-special token
+  with 10%, and stays unchanged with 10%. A sequence where no token was selected gets one
+  selected position at random, so every sequence contributes. Training batches draw the masks
+  from the generator passed to ``get_batch``; the eval split is masked once at construction with
+  a fixed seed, so held-out numbers do not depend on the eval batch size or call order.
+- Model: ``transformers.BertForMaskedLM`` built from a ``BertConfig`` (no download). Default: 2
+  layers, hidden 128, 2 heads, intermediate 512 (the BERT-Tiny shape of Turc et al. 2019),
+  ``max_position_embeddings`` 512 so that the paper's two-phase 128 -> 512 schedule runs. Any BERT
+  config may be passed (dict or JSON path). The model is a subclass that, given
+  ``masked_index``, applies the MLM head only at the masked positions (the head is the costliest
+  layer at this size); without it, it is a plain ``BertForMaskedLM``.
+
+Batches hold ``input_ids`` (int64 ``[B, seq_len]``, with masking applied), ``masked_index``
+(flat positions into ``B * seq_len`` of the masked tokens) and ``masked_labels`` (their original
+ids). ``weight`` is the number of masked tokens; ``loss`` returns the summed cross-entropy over
+them and "accuracy" = number of masked tokens predicted exactly, so ``evaluate`` reports MLM
+accuracy = correct / masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM
+
+from ..data import cache_dir, default_data_dir, load_text_corpus
+from ..task import Batch, Task
+from .common import check_split, subset_size
+
+HELD_OUT_WORKS = ("hamlet", "macbeth", "sonnets", "twelfth_night")
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+NUM_SPECIAL = len(SPECIAL_TOKENS)
+TOKENIZER_RECIPE = "wordpiece/bert-normalizer-lowercase/bert-pretokenizer/v1"
+EVAL_MASK_SEED = 0
+DEFAULT_VOCAB_SIZE = 4096
+
+# How many tokenizers this process has trained (a cache hit does not count).
+TOKENIZER_TRAININGS = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus and split
+
+
+def corpus_folder(data_dir: str | os.PathLike | None) -> Path:
+    """The folder of text files: ``data_dir`` itself when it holds ``*.txt[.gz]`` files, else
+    its ``shakespeare/works`` or ``works`` subfolder; default the bundled Shakespeare."""
+    if data_dir is None:
+        return default_data_dir() / "shakespeare" / "works"
+    folder = Path(data_dir)
+
+    def has_text(path: Path) -> bool:
+        return path.is_dir() and any(p.name.endswith((".txt", ".txt.gz")) for p in path.iterdir())
+
+    if has_text(folder):
+        return folder
+    for sub in (folder / "shakespeare" / "works", folder / "works"):
+        if has_text(sub):
+            return sub
+    return folder  # load_text_corpus raises a clear error
+
+
+def split_works(names: list[str], eval_works: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
+    """(train names, eval names) of a corpus, split by work (see the module docstring)."""
+    if len(names) < 2:
+        raise ValueError(f"bert-mlm splits the corpus by work and needs at least two works, got {names}")
+    if eval_works is not None:
+        held = [n for n in names if n in set(eval_works)]
+        unknown = sorted(set(eval_works) - set(names))
+        if unknown or not held:
+            raise ValueError(f"eval_works {unknown or list(eval_works)} not in the corpus; works are {names}")
+    else:
+        held = [n for n in names if n in HELD_OUT_WORKS]
+        if not held:
+            held = [n for i, n in enumerate(names) if i % 10 == 9] or [names[-1]]
+    if len(held) == len(names):
+        raise ValueError("eval_works would hold out every work; keep at least one for training")
+    return [n for n in names if n not in held], held
+
+
+def _hash_texts(works: list[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for name, text in works:
+        for part in (name, text):
+            data = part.encode("utf-8", errors="surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(file)`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and token streams
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int):
+    """A BERT-style WordPiece tokenizer (``tokenizers.Tokenizer``) trained on ``texts``."""
+    global TOKENIZER_TRAININGS
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(tok) != i:  # pragma: no cover - guards the id constants
+            raise RuntimeError(f"special token {tok} got id {tokenizer.token_to_id(tok)}, expected {i}")
+    TOKENIZER_TRAININGS += 1
+    return tokenizer
+
+
+def load_or_train_tokenizer(train_works: list[tuple[str, str]], vocab_size: int, folder: Path | None = None):
+    """The cached tokenizer for this training text and vocabulary size, trained on a miss.
+
+    Returns ``(tokenizer, path of the cache file)``.
+    """
+    folder = cache_dir() if folder is None else folder
+    key = hashlib.sha256(f"{TOKENIZER_RECIPE}|{vocab_size}|{_hash_texts(train_works)}".encode()).hexdigest()[:20]
+    path = folder / f"wordpiece-{vocab_size}-{key}.json"
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path)), path
+        except Exception:  # unreadable cache entry: rebuild it
+            pass
+    tokenizer = train_wordpiece((text for _, text in train_works), vocab_size)
+    _atomic_write(path, lambda f: f.write(tokenizer.to_str().encode("utf-8")))
+    return tokenizer, path
+
+
+def encode_works(tokenizer, works: list[tuple[str, str]]) -> np.ndarray:
+    """One token stream (int32) of all ``works``, tokenized line by line without special tokens."""
+    lines = [line for _, text in works for line in text.splitlines() if line.strip()]
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    encodings = encode(lines, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    stream = np.empty(int(lengths.sum()), dtype=np.int32)
+    pos = 0
+    for e, n in zip(encodings, lengths):
+        stream[pos : pos + n] = e.ids
+        pos += n
+    return stream
+
+
+def load_or_encode_streams(
+    tokenizer, splits: dict[str, list[tuple[str, str]]], folder: Path | None = None
+) -> tuple[dict[str, np.ndarray], Path]:
+    """Token streams of each split, cached beside the tokenizer. Returns ``(streams, path)``."""
+    folder = cache_dir() if folder is None else folder
+    h = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
+    for split in sorted(splits):
+        h.update(split.encode())
+        h.update(_hash_texts(splits[split]).encode())
+    path = folder / f"tokens-{h.hexdigest()[:20]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as npz:
+                if set(npz.files) == set(splits):
+                    return {k: npz[k].astype(np.int32) for k in splits}, path
+        except Exception:  # unreadable cache entry: rebuild it
+            pass
+    streams = {k: encode_works(tokenizer, works) for k, works in splits.items()}
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
+    _atomic_write(path, lambda f: np.savez(f, **{k: v.astype(dtype) for k, v in streams.items()}))
+    return streams, path
+
+
+def make_sequences(stream: np.ndarray, seq_len: int) -> torch.Tensor:
+    """``[CLS] window [SEP]`` rows (int64 ``[N, seq_len]``) from consecutive windows of the stream."""
+    body = seq_len - 2
+    n = len(stream) // body
+    windows = torch.from_numpy(stream[: n * body].astype(np.int64)).view(n, body)
+    cls = torch.full((n, 1), CLS_ID, dtype=torch.int64)
+    sep = torch.full((n, 1), SEP_ID, dtype=torch.int64)
+    return torch.cat([cls, windows, sep], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    generator: torch.Generator | None,
+    vocab_size: int,
+    mask_prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of ``input_ids`` ``[B, L]``: returns ``(masked input_ids, labels)`` where
+    labels hold the original id at selected positions and -100 elsewhere.
+
+    Special tokens (ids < 5) are never selected. Every row with an eligible token gets at least
+    one selected position. Draws, in order and with fixed shapes (so a generator's state after the
+    call depends only on the batch shape): selection uniforms ``[B, L]``, fallback uniforms
+    ``[B, L]``, replacement-kind uniforms ``[B, L]``, random token ids ``[B, L]``.
+    """
+    shape = input_ids.shape
+    eligible = input_ids >= NUM_SPECIAL
+    selected = (torch.rand(shape, generator=generator) < mask_prob) & eligible
+    fallback_score = torch.rand(shape, generator=generator).masked_fill_(~eligible, -1.0)
+    fallback = torch.zeros_like(selected).scatter_(1, fallback_score.argmax(dim=1, keepdim=True), True)
+    none_selected = ~selected.any(dim=1, keepdim=True) & eligible.any(dim=1, keepdim=True)
+    selected |= fallback & none_selected
+    kind = torch.rand(shape, generator=generator)
+    random_ids = torch.randint(NUM_SPECIAL, vocab_size, shape, generator=generator, dtype=input_ids.dtype)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    masked = torch.where(selected & (kind < 0.8), torch.full_like(input_ids, MASK_ID), input_ids)
+    masked = torch.where(selected & (kind >= 0.8) & (kind < 0.9), random_ids, masked)
+    return masked, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class BertForMaskedLMAtPositions(BertForMaskedLM):
+    """``BertForMaskedLM`` whose forward, given ``masked_index`` (flat positions into
+    ``batch * seq_len``), returns the MLM logits ``[M, vocab]`` at those positions only.
+    Without ``masked_index`` it is ``BertForMaskedLM.forward`` unchanged."""
+
+    def forward(self, input_ids=None, masked_index: torch.Tensor | None = None, **kwargs):
+        if masked_index is None:
+            return super().forward(input_ids=input_ids, **kwargs)
+        hidden = self.bert(input_ids, return_dict=True, **kwargs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_index)
+        return self.cls(hidden)
+
+
+def _user_config(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"BERT config file {path} not found (pass a dict or a JSON file path)")
+    with open(path) as f:
+        return json.load(f)
+
+
+class BertMlmTask(Task):
+    """Masked language modelling with a small BERT on a text corpus (default: Shakespeare).
+
+    Args:
+        data_dir: folder of ``*.txt``/``*.txt.gz`` works (or one with ``shakespeare/works``);
+            default the bundled Shakespeare.
+        seq_len: tokens per sequence including ``[CLS]`` and ``[SEP]`` (default 128; up to the
+            config's ``max_position_embeddings``, 512 by default).
+        vocab_size: WordPiece vocabulary size to train (default 4096, or the ``config``'s).
+        layers, hidden, heads, intermediate: model shape (defaults 2, 128, 2, 4 * hidden);
+            they override the same fields of ``config``.
+        config: any ``BertConfig`` fields, as a dict, a ``BertConfig`` or a JSON file path.
+            ``vocab_size`` there is the tokenizer's target; the model always gets the trained
+            tokenizer's actual vocabulary size.
+        mask_prob: fraction of tokens selected for prediction (default 0.15).
+        eval_works: names of the held-out works (default ``HELD_OUT_WORKS``).
+        train_subset, eval_subset: use only the first N sequences of a split.
+    """
+
+    name = "bert-mlm"
+    metric = "accuracy"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        seq_len: int = 128,
+        vocab_size: int | None = None,
+        layers: int | None = None,
+        hidden: int | None = None,
+        heads: int | None = None,
+        intermediate: int | None = None,
+        config: dict | str | os.PathLike | None = None,
+        mask_prob: float = 0.15,
+        eval_works: Iterable[str] | str | None = None,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+    ):
+        self.seq_len = int(seq_len)
+        self.mask_prob = float(mask_prob)
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        fields = {
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 512,
+            "pad_token_id": PAD_ID,
+        }
+        fields.update(_user_config(config))
+        for key, value in (("num_hidden_layers", layers), ("hidden_size", hidden), ("num_attention_heads", heads)):
+            if value is not None:
+                fields[key] = int(value)
+        if intermediate is not None:
+            fields["intermediate_size"] = int(intermediate)
+        elif "intermediate_size" not in _user_config(config):
+            fields["intermediate_size"] = 4 * fields["hidden_size"]
+        target_vocab = int(vocab_size if vocab_size is not None else fields.get("vocab_size", DEFAULT_VOCAB_SIZE))
+        if target_vocab < 100:
+            raise ValueError(f"vocab_size must be at least 100, got {target_vocab}")
+        max_len = int(fields["max_position_embeddings"])
+        if not 8 <= self.seq_len <= max_len:
+            raise ValueError(
+                f"seq_len must be between 8 and max_position_embeddings={max_len}, got {self.seq_len}"
+            )
+
+        folder = corpus_folder(data_dir)
+        works = load_text_corpus(folder)
+        if isinstance(eval_works, str):
+            eval_works = [w.strip() for w in eval_works.split(",") if w.strip()]
+        train_names, eval_names = split_works([n for n, _ in works], eval_works)
+        by_name = dict(works)
+        splits = {
+            "train": [(n, by_name[n]) for n in train_names],
+            "eval": [(n, by_name[n]) for n in eval_names],
+        }
+        self.data_dir = str(folder)
+        self.train_works, self.eval_works = train_names, eval_names
+
+        self.tokenizer, self.tokenizer_path = load_or_train_tokenizer(splits["train"], target_vocab)
+        streams, self.tokens_path = load_or_encode_streams(self.tokenizer, splits)
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        fields["vocab_size"] = self.vocab_size
+        self.config = BertConfig(**fields)
+
+        self._ids: dict[str, torch.Tensor] = {}
+        train = make_sequences(streams["train"], self.seq_len)
+        evals = make_sequences(streams["eval"], self.seq_len)
+        if train.shape[0] == 0 or evals.shape[0] == 0:
+            raise ValueError(
+                f"corpus too small for seq_len={self.seq_len}: {len(streams['train'])} train and "
+                f"{len(streams['eval'])} eval tokens"
+            )
+        self._ids["train"] = train[: subset_size(train_subset, train.shape[0], "train_subset")]
+        # Eval masks: drawn once, for the whole held-out split, from a fixed seed.
+        masked, labels = mask_tokens(evals, torch.Generator().manual_seed(EVAL_MASK_SEED), self.vocab_size, self.mask_prob)
+        n_eval = subset_size(eval_subset, evals.shape[0], "eval_subset")
+        self._ids["eval"] = evals[:n_eval]
+        self._eval_masked, self._eval_labels = masked[:n_eval], labels[:n_eval]
+
+    def build_model(self) -> nn.Module:
+        return BertForMaskedLMAtPositions(self.config)
+
+    def num_examples(self, split: str) -> int:
+        return self._ids[check_split(split, self.name)].shape[0]
+
+    def get_batch(self, split: str, indices: torch.Tensor, generator: torch.Generator | None = None) -> Batch:
+        split = check_split(split, self.name)
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if split == "train":
+            input_ids, labels = mask_tokens(self._ids["train"][indices], generator, self.vocab_size, self.mask_prob)
+        else:
+            input_ids, labels = self._eval_masked[indices], self._eval_labels[indices]
+        flat = labels.reshape(-1)
+        masked_index = (flat != -100).nonzero().squeeze(1)
+        return Batch(
+            {"input_ids": input_ids, "masked_index": masked_index, "masked_labels": flat[masked_index]},
+            int(masked_index.numel()),
+        )
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(input_ids=batch.tensors["input_ids"], masked_index=batch.tensors["masked_index"])
+        target = batch.tensors["masked_labels"]
+        loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+        correct = (logits.argmax(dim=-1) == target).sum().to(loss_sum.dtype)
+        return loss_sum, {"accuracy": correct}

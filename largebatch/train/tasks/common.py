@@ -1,0 +1,35 @@
+"""Pieces shared by the built-in tasks: subset sizes and the classification loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..task import Batch
+
+
+def subset_size(value: int | str | None, n: int, option: str) -> int:
+    """``n`` when ``value`` is None, else ``min(value, n)``; ``value`` must be a positive int."""
+    if value is None:
+        return n
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{option} must be a positive number of examples, got {value}")
+    return min(value, n)
+
+
+def check_split(split: str, task_name: str) -> str:
+    if split not in ("train", "eval"):
+        raise ValueError(f"unknown split {split!r}; {task_name} has 'train' and 'eval'")
+    return split
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed cross-entropy of ``model(x)`` against ``y`` and the number of correct top-1
+    predictions (a float tensor, summed like the loss)."""
+    logits = model(batch.tensors["x"])
+    target = batch.tensors["y"]
+    loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+    correct = (logits.argmax(dim=1) == target).sum().to(loss_sum.dtype)
+    return loss_sum, {"accuracy": correct}
