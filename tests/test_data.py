@@ -1,0 +1,273 @@
+"""Data readers: IDX, MNIST, CIFAR-10 pickles, text corpora, data/cache folders."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from largebatch.train.data import (
+    cache_dir,
+    default_data_dir,
+    load_cifar10,
+    load_mnist,
+    load_text_corpus,
+    read_idx,
+)
+
+IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
+MNIST_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+# Canonical MNIST training-set label counts, digits 0..9.
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    code = IDX_CODES[array.dtype.type]
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize(
+    "dtype,shape",
+    [(np.uint8, (5, 3, 4)), (np.int8, (7,)), (np.int16, (2, 3)), (np.int32, (3, 2, 2, 2)), (np.float32, (4, 5)), (np.float64, (3,))],
+)
+def test_idx_round_trip(tmp_path, dtype, shape, compress):
+    rng = np.random.default_rng(0)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        array = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    else:
+        array = rng.standard_normal(shape).astype(dtype)
+    path = write_idx(tmp_path / ("a.idx.gz" if compress else "a.idx"), array, compress)
+    out = read_idx(path)
+    assert out.shape == shape
+    assert out.dtype == torch.from_numpy(array).dtype
+    np.testing.assert_array_equal(out.numpy(), array)
+
+
+def test_idx_gzip_is_detected_from_content(tmp_path):
+    array = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    path = write_idx(tmp_path / "no-suffix", array, compress=True)
+    np.testing.assert_array_equal(read_idx(path).numpy(), array)
+
+
+def test_idx_bad_magic(tmp_path):
+    data = bytearray(idx_bytes(np.zeros((2, 2), np.uint8)))
+    data[0] = 0x12
+    (tmp_path / "bad").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad IDX magic"):
+        read_idx(tmp_path / "bad")
+
+
+def test_idx_unknown_type_code(tmp_path):
+    data = bytearray(idx_bytes(np.zeros((2, 2), np.uint8)))
+    data[2] = 0x0A
+    (tmp_path / "bad").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="unknown IDX element type code 0x0A"):
+        read_idx(tmp_path / "bad")
+
+
+def test_idx_size_mismatch(tmp_path):
+    data = idx_bytes(np.zeros((4, 4), np.int32))
+    (tmp_path / "short").write_bytes(data[:-3])
+    with pytest.raises(ValueError, match="size mismatch"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "tiny").write_bytes(b"\x00\x00")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST
+
+
+def test_load_bundled_mnist():
+    data = load_mnist(default_data_dir() / "mnist")
+    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+    assert x_train.shape == (60000, 28, 28) and x_train.dtype == torch.uint8
+    assert x_test.shape == (10000, 28, 28) and x_test.dtype == torch.uint8
+    assert y_train.shape == (60000,) and y_train.dtype == torch.int64
+    assert y_test.shape == (10000,) and y_test.dtype == torch.int64
+    assert int(y_train.min()) == 0 and int(y_train.max()) == 9
+    assert y_train[:5].tolist() == [5, 0, 4, 1, 9]
+    assert y_test[:5].tolist() == [7, 2, 1, 0, 4]
+    assert torch.bincount(y_train, minlength=10).tolist() == MNIST_TRAIN_COUNTS
+    assert int(x_train.max()) == 255
+
+
+def write_fake_mnist(folder: Path, n_train=6, n_test=4, dotted=False, compress=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    arrays = {
+        "train-images": rng.integers(0, 256, (n_train, 28, 28)).astype(np.uint8),
+        "train-labels": rng.integers(0, 10, n_train).astype(np.uint8),
+        "t10k-images": rng.integers(0, 256, (n_test, 28, 28)).astype(np.uint8),
+        "t10k-labels": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+    for stem, array in arrays.items():
+        kind = "idx3-ubyte" if array.ndim == 3 else "idx1-ubyte"
+        name = f"{stem}.{kind}" if dotted else f"{stem}-{kind}"
+        write_idx(folder / (name + (".gz" if compress else "")), array, compress)
+    return arrays
+
+
+@pytest.mark.parametrize("dotted,compress", [(True, False), (False, False), (True, True)])
+def test_load_mnist_name_variants(tmp_path, dotted, compress):
+    arrays = write_fake_mnist(tmp_path, dotted=dotted, compress=compress)
+    data = load_mnist(tmp_path)
+    np.testing.assert_array_equal(data["train"][0].numpy(), arrays["train-images"])
+    np.testing.assert_array_equal(data["test"][1].numpy(), arrays["t10k-labels"].astype(np.int64))
+
+
+def test_load_mnist_missing_folder_names_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_mnist(tmp_path / "nowhere")
+    message = str(info.value)
+    assert str(tmp_path / "nowhere") in message
+    for name in MNIST_NAMES:
+        assert name in message
+
+
+def test_load_mnist_missing_file(tmp_path):
+    write_fake_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte") as info:
+        load_mnist(tmp_path)
+    assert "t10k-labels.idx1-ubyte" in str(info.value)  # the dotted variant it looked for
+
+
+def test_load_mnist_count_mismatch(tmp_path):
+    write_fake_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(5, np.uint8))
+    with pytest.raises(ValueError, match="6 images but 5 labels"):
+        load_mnist(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def write_fake_cifar(folder: Path, per_batch=4, n_test=6, protocol=2) -> dict[str, np.ndarray]:
+    """Batches in the layout of the official python release (bytes keys, uint8 data, int list)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    all_data, all_labels = [], []
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        data = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+        all_data.append(data)
+        all_labels.append(labels)
+    return {
+        "train_data": np.concatenate(all_data[:5]),
+        "train_labels": np.concatenate(all_labels[:5]),
+        "test_data": all_data[5],
+        "test_labels": np.array(all_labels[5]),
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_load_cifar10_standard_pickles(tmp_path, protocol):
+    expected = write_fake_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
+    data = load_cifar10(tmp_path)  # finds the cifar-10-batches-py subfolder
+    x, y = data["train"]
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.dtype == torch.int64 and y.tolist() == expected["train_labels"].tolist()
+    # Row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32.
+    n, c, r, col = 7, 1, 5, 30
+    assert int(x[n, c, r, col]) == int(expected["train_data"][n, c * 1024 + r * 32 + col])
+    assert data["test"][0].shape == (6, 3, 32, 32)
+    assert data["test"][1].tolist() == expected["test_labels"].tolist()
+    assert load_cifar10(tmp_path / "cifar-10-batches-py")["train"][0].equal(x)
+
+
+class _Exploit:
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_load_cifar10_refuses_malicious_pickle(tmp_path):
+    write_fake_cifar(tmp_path)
+    target = tmp_path / "pwned"
+    with open(tmp_path / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _Exploit(str(target)), b"labels": []}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match=r"data_batch_3: refusing to load global (io|builtins)\.open"):
+        load_cifar10(tmp_path)
+    assert not target.exists()
+
+
+def test_load_cifar10_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1, data_batch_2.*test_batch"):
+        load_cifar10(tmp_path / "nowhere")
+    write_fake_cifar(tmp_path)
+    (tmp_path / "data_batch_4").unlink()
+    with pytest.raises(FileNotFoundError, match="missing in .*: data_batch_4;"):
+        load_cifar10(tmp_path)
+
+
+def test_load_cifar10_wrong_shape(tmp_path):
+    write_fake_cifar(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"uint8 \[N, 3072\]"):
+        load_cifar10(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text, folders
+
+
+def test_load_text_corpus(tmp_path):
+    (tmp_path / "b.txt").write_text("bee\n")
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress("ay\u00e9\n".encode()))
+    (tmp_path / "c.md").write_text("ignored")
+    assert load_text_corpus(tmp_path) == [("a", "ay\u00e9\n"), ("b", "bee\n")]
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b"again"))
+    with pytest.raises(ValueError, match="same work name 'b'|give the work name 'b'"):
+        load_text_corpus(tmp_path)
+
+
+def test_load_text_corpus_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text_corpus(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"no \*\.txt"):
+        load_text_corpus(tmp_path)
+
+
+def test_bundled_shakespeare():
+    works = load_text_corpus(default_data_dir() / "shakespeare" / "works")
+    names = [n for n, _ in works]
+    assert len(works) == 42 and names == sorted(names)
+    assert "hamlet" in names and "sonnets" in names
+    assert 4_900_000 < sum(len(t) for _, t in works) < 5_200_000
+
+
+def test_default_data_dir_and_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("LARGEBATCH_DATA", raising=False)
+    assert (default_data_dir() / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+    assert (default_data_dir() / "README.md").is_file()
+    monkeypatch.setenv("LARGEBATCH_DATA", str(tmp_path / "elsewhere"))
+    assert default_data_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache" and (tmp_path / "cache").is_dir()
