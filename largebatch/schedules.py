@@ -68,6 +68,7 @@ __all__ = [
     "LR_RULES",
     "WARMUP_RULES",
     "DECAYS",
+    "DECAY_OVER",
     "Plan",
     "Recipe",
     "Stage",
