@@ -121,10 +121,14 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
 
 
 def global_grad_norm(grads: list[Tensor], reduce: SquaredSumReducer | None = None) -> Tensor:
-    """The l2 norm of all gradients together, as a 0-d float32 tensor (non-finite if any is)."""
+    """The l2 norm of all gradients together, as a 0-d tensor (non-finite if any is).
+
+    Accumulated in float64 when any gradient is float64, else in float32.
+    """
     if not grads:
         return torch.zeros(())
-    sq = torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)]).sum().reshape(1)
+    dt = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    sq = torch.stack([n.to(dt) ** 2 for n in torch._foreach_norm(grads)]).sum().reshape(1)
     if reduce is not None:
         sq = reduce(sq)
     return sq.sqrt().reshape(())
@@ -154,7 +158,7 @@ class Telemetry:
         """{parameter: {"weight_norm", "update_norm", "trust_ratio"}} for the last step (host sync)."""
         out: dict[Tensor, dict[str, float]] = {}
         for params, w, u, r in self._records:
-            w, u, r = (t.float().cpu().tolist() for t in (w, u, r))
+            w, u, r = (t.double().cpu().tolist() for t in (w, u, r))
             for i, p in enumerate(params):
                 out[p] = {"weight_norm": w[i], "update_norm": u[i], "trust_ratio": r[i]}
         return out

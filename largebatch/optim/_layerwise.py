@@ -66,6 +66,23 @@ class LayerwiseOptimizer(Optimizer):
         self.skipped_steps = torch.zeros((), dtype=torch.int64)
         self.last_grad_norm: Tensor | None = None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's loader, then state restored in the dtype our step keeps it in.
+
+        torch.optim casts every floating state entry to its parameter's dtype, which would turn the
+        float32 moments and master weights of a bfloat16 parameter into bfloat16 on every resume.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None or p.dtype == compute_dtype(p):
+                continue
+            for k, v in saved.items():
+                if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
+                    self.state[p][k] = v.to(device=p.device, dtype=compute_dtype(p), copy=True)
+
     # -- per-subclass hooks -------------------------------------------------------------------
     def _init_state(self, p: Tensor, state: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -40,6 +40,8 @@ class Lamb(LayerwiseOptimizer):
         u_t = r_t + weight_decay * x_t                                   (decay inside the ratio)
         x_{t+1} = x_t - lr * ratio * u_t,  ratio = phi(||x_t||) / ||u_t||
 
+    With ``eps = 0``, ``r_t`` is taken as 0 where ``sqrt(v_hat) = 0`` (instead of 0/0 = NaN).
+
     ``ratio = 1`` when ``||x_t||`` or ``||u_t||`` is 0, or when the group has ``adapt=False``; with
     ``adapt=False`` everywhere Lamb is exactly ``torch.optim.AdamW``.
 
@@ -260,7 +262,10 @@ def _single_tensor_lamb(
         else:
             v_hat = v / bc(beta2, t)
 
-        u = m_hat / (v_hat.sqrt() + eps)
+        denom = v_hat.sqrt() + eps
+        u = m_hat / denom
+        if eps == 0:  # 0/0 where the second moment is 0: the direction is 0 there, not NaN
+            u = torch.where(denom > 0, u, torch.zeros_like(u))
         if weight_decay != 0:
             u = u + weight_decay * x
 
@@ -331,6 +336,8 @@ def _multi_tensor_lamb(
     torch._foreach_sqrt_(v_hat)
     torch._foreach_add_(v_hat, eps)
     u = torch._foreach_div(m_hat, v_hat)
+    if eps == 0:  # 0/0 where the second moment is 0: the direction is 0 there, not NaN
+        u = [torch.where(d > 0, ui, torch.zeros((), dtype=dt, device=device)) for ui, d in zip(u, v_hat)]
     del m_hat, v_hat
     if weight_decay != 0:
         torch._foreach_add_(u, torch._foreach_mul(params, weight_decay))

@@ -1,0 +1,82 @@
+"""The error table: each bad argument and the message it gets."""
+
+import pytest
+import torch
+
+from largebatch import Lamb, Lars, create_optimizer, param_groups
+
+
+def P():
+    return [torch.zeros(2, requires_grad=True)]
+
+
+ERRORS = [
+    (Lamb, dict(lr=-1.0), ValueError, r"Invalid learning rate value: -1.0; it must be a finite number >= 0"),
+    (Lamb, dict(lr=float("nan")), ValueError, r"Invalid learning rate value: nan"),
+    (Lamb, dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08; it must be a finite number >= 0"),
+    (Lamb, dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0.1"),
+    (Lamb, dict(betas=(1.0, 0.999)), ValueError, r"Invalid beta parameter at index 0: 1.0; it must be in \[0, 1\)"),
+    (Lamb, dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta parameter at index 1: -0.1"),
+    (Lamb, dict(betas=0.9), ValueError, r"Invalid betas: 0.9; it must be a pair"),
+    (Lamb, dict(phi=(2.0, 1.0)), ValueError, r"Invalid phi bounds: \(gamma_l=2.0, gamma_u=1.0\); they must satisfy 0 <= gamma_l < gamma_u"),
+    (Lamb, dict(phi=(-1.0, 1.0)), ValueError, r"Invalid phi bounds"),
+    (Lamb, dict(phi=3.0), ValueError, r"Invalid phi: 3.0; it must be None \(identity\) or a pair"),
+    (Lamb, dict(nesterov="second"), ValueError, r"Invalid nesterov: 'second'; allowed values are None, 'first', 'both'"),
+    (Lamb, dict(nesterov=True), ValueError, r"Invalid nesterov: True"),
+    (Lamb, dict(bias_correction="yes"), ValueError, r"Invalid bias_correction: 'yes'; it must be True or False"),
+    (Lamb, dict(max_grad_norm=0.0), ValueError, r"Invalid max_grad_norm value: 0.0; it must be None \(no clipping\) or a finite number > 0"),
+    (Lamb, dict(nonfinite="ignore"), ValueError, r"Invalid nonfinite: 'ignore'; allowed values are 'skip', 'raise', 'none'"),
+    (Lamb, dict(foreach="yes"), ValueError, r"Invalid foreach: 'yes'"),
+    (Lamb, dict(fused=True, foreach=False), ValueError, r"fused=True and foreach=False contradict"),
+    (Lars, dict(lr=-0.1), ValueError, r"Invalid learning rate value: -0.1"),
+    (Lars, dict(momentum=1.0), ValueError, r"Invalid momentum value: 1.0; it must be in \[0, 1\)"),
+    (Lars, dict(mode="lars"), ValueError, r"Invalid mode: 'lars'; allowed values are 'paper', 'classic'"),
+    (Lars, dict(trust_coefficient=-1.0), ValueError, r"Invalid trust_coefficient value: -1.0"),
+    (Lars, dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
+    (Lars, dict(mode="classic", phi=(0.1, 1.0)), ValueError, r"phi bounds exist only in mode='paper'"),
+    (Lars, dict(nesterov=1), ValueError, r"Invalid nesterov: 1; it must be True or False"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,exc,match", ERRORS, ids=[f"{c.__name__}-{k}" for c, k, _, _ in ERRORS])
+def test_constructor_errors(cls, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        cls(P(), **kwargs)
+
+
+def test_bad_value_in_a_param_group():
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value: -1"):
+        Lamb([{"params": P(), "weight_decay": -1}])
+    opt = Lamb(P())
+    with pytest.raises(ValueError, match=r"Invalid beta parameter at index 0: 1.5"):
+        opt.add_param_group({"params": P(), "betas": (1.5, 0.9)})
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_sparse_gradients_are_refused(cls):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
+        cls(emb.parameters()).step()
+
+
+def test_unknown_optimizer_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'lamb2'; valid names are: lamb, lambc, nlamb, nnlamb, lars"):
+        create_optimizer("lamb2", P(), lr=0.1)
+
+
+def test_fused_true_without_backend_is_a_clear_error(monkeypatch):
+    import largebatch.optim._layerwise as lw
+
+    monkeypatch.setattr(lw, "fused_available", lambda xs: False)
+    p = P()
+    p[0].grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match=r"Lamb\(fused=True\): no fused backend for tensors of"):
+        Lamb(p, fused=True).step()
+
+
+def test_param_groups_bad_spec():
+    with pytest.raises(ValueError, match=r"Invalid exclude_from_weight_decay: 'all'"):
+        param_groups(torch.nn.Linear(2, 2), 0.1, exclude_from_weight_decay="all")
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value: -0.1"):
+        param_groups(torch.nn.Linear(2, 2), -0.1)

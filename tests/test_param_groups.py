@@ -1,0 +1,66 @@
+import torch
+from torch import nn
+
+from largebatch import Lamb, create_optimizer, param_groups
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.pos = nn.Parameter(torch.zeros(1, 3, 4))
+        self.fc = nn.Linear(4, 4)
+        self.LayerNorm = nn.LayerNorm(4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def no_weight_decay(self):
+        return {"pos"}
+
+
+def names(groups):
+    return {(g["weight_decay"], g["adapt"]): sorted(g["param_names"]) for g in groups}
+
+
+def test_default_excludes_bias_norm_and_model_hook_from_both():
+    got = names(param_groups(Net(), 0.01))
+    assert got == {
+        (0.01, True): ["embed.weight", "fc.weight", "head.weight"],
+        (0.0, False): ["LayerNorm.bias", "LayerNorm.weight", "bn.bias", "bn.weight", "fc.bias", "pos"],
+    }
+
+
+def test_exclusions_are_separately_controllable():
+    got = names(param_groups(Net(), 0.01, exclude_from_adaptation="none"))
+    assert got[(0.0, True)] == ["LayerNorm.bias", "LayerNorm.weight", "bn.bias", "bn.weight", "fc.bias", "pos"]
+    got = names(param_groups(Net(), 0.01, exclude_from_weight_decay="none", exclude_from_adaptation="default"))
+    assert got[(0.01, False)] == ["LayerNorm.bias", "LayerNorm.weight", "bn.bias", "bn.weight", "fc.bias", "pos"]
+    got = names(param_groups(Net(), 0.01, exclude_from_weight_decay=["*bias"], exclude_from_adaptation=["head.*"]))
+    assert got == {
+        (0.01, True): ["LayerNorm.weight", "bn.weight", "embed.weight", "fc.weight", "pos"],
+        (0.0, True): ["LayerNorm.bias", "bn.bias", "fc.bias"],
+        (0.01, False): ["head.weight"],
+    }
+
+
+def test_frozen_parameters_are_left_out_and_lr_scale():
+    net = Net()
+    net.head.weight.requires_grad_(False)
+    groups = param_groups(net, 0.01, lr_scale={"embed.*": 0.1})
+    all_names = [n for g in groups for n in g["param_names"]]
+    assert "head.weight" not in all_names
+    assert [g["lr_scale"] for g in groups if "embed.weight" in g["param_names"]] == [0.1]
+
+
+def test_groups_drive_lamb_adaptation_and_work_for_torch_optimizers():
+    net = Net()
+    opt = Lamb(param_groups(net, 0.01), lr=0.1)
+    x = torch.randint(0, 10, (5, 3))
+    out = net.head(net.bn(net.LayerNorm(net.fc(net.embed(x) + net.pos)).reshape(-1, 4)))
+    out.sum().backward()
+    opt.step()
+    ratios = opt.telemetry.read()
+    assert ratios[net.fc.bias]["trust_ratio"] == 1.0  # excluded from adaptation
+    assert ratios[net.fc.weight]["trust_ratio"] != 1.0
+    adamw = create_optimizer("adamw", param_groups(net, 0.01), lr=0.1)
+    assert all("adapt" not in g for g in adamw.param_groups)
