@@ -130,6 +130,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache entries are shareable
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,4 +1,4 @@
-"""``mnist-lenet``: LeNet-5 on MNIST (the paper's MNIST experiment, Section 4 / Table 5).
+"""``mnist-lenet``: LeNet-5 on MNIST (the paper's MNIST comparison of optimizers).
 
 The model is LeNet-5 (LeCun et al. 1998) in its common modern form: conv 6@5x5 (padding 2, so
 28x28 inputs keep the classic 32x32 geometry) -> ReLU -> 2x2 max-pool -> conv 16@5x5 -> ReLU ->
