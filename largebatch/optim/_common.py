@@ -7,6 +7,7 @@ use it run under ``torch.compile`` and on accelerators without a synchronisation
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,7 +19,21 @@ NESTEROV_MODES = (None, "first", "both")
 # A reducer receives a 1-d float tensor of *local* squared sums (one entry per logical tensor, or
 # several such vectors concatenated) and returns the global sums. The identity when nothing is
 # sharded; an all-reduce over the shard group under FSDP/ZeRO (see largebatch.distributed).
+# Sums over all tensors of the optimizer (global grad norm, non-finite flags) go through the
+# reducer's ``reduce_totals`` attribute when it has one (ZeRO-1: per-tensor sums are already
+# global, totals are not), else through the reducer itself.
 SquaredSumReducer = Callable[[Tensor], Tensor]
+
+
+def is_dtensor(t) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters), without importing it."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The shard of a DTensor held by this rank (updates to it write through); ``t`` otherwise."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def check_nonneg(name: str, value: float) -> None:
@@ -114,6 +129,7 @@ def layer_norms(xs: list[Tensor], us: list[Tensor], reduce: SquaredSumReducer | 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """0-d bool tensor: every element of every tensor is finite (no host sync)."""
+    tensors = [t for t in tensors if t.numel() > 0]  # the inf-norm of an empty tensor is undefined
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     maxes = torch._foreach_norm(tensors, float("inf"))

@@ -25,6 +25,8 @@ from largebatch.optim._common import (
     clip_coefficient,
     compute_dtype,
     global_grad_norm,
+    is_dtensor,
+    local_tensor,
 )
 
 
@@ -59,7 +61,8 @@ class LayerwiseOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.foreach = foreach
         self.master_weights = master_weights
-        self.norm_reducer = norm_reducer
+        # DTensor (FSDP2) parameters imply their reducer: one all-reduce over the shard group.
+        self.norm_reducer = norm_reducer if norm_reducer is not None else _placement_reducer(self.param_groups)
         self.telemetry = Telemetry()
         # Cumulative count of (group, step) pairs skipped because of non-finite gradients; a 0-d
         # tensor so that counting needs no host sync. Read it with int(opt.skipped_steps).
@@ -120,7 +123,7 @@ class LayerwiseOptimizer(Optimizer):
                 if self.master_weights and p.dtype != compute_dtype(p):
                     state["master"] = p.detach().to(compute_dtype(p)).clone()
             params.append(p)
-            grads.append(p.grad)
+            grads.append(local_tensor(p.grad))
             states.append(state)
         return params, grads, states
 
@@ -138,19 +141,20 @@ class LayerwiseOptimizer(Optimizer):
         global_ok = None
         if self.max_grad_norm is not None:
             all_grads = [g for _, grads, _ in gathered for g in grads]
-            norm = global_grad_norm(all_grads, self.norm_reducer)
+            norm = global_grad_norm(all_grads, self._totals_reducer())
             self.last_grad_norm = norm
             # With global clipping a non-finite gradient anywhere poisons the clip factor, so the
             # whole step is skipped; without it each group is checked on its own.
             global_ok = torch.isfinite(norm)
             grad_scale = torch.where(global_ok, clip_coefficient(norm, self.max_grad_norm), 1.0)
 
-        for group, (params, grads, states) in zip(self.param_groups, gathered):
+        oks = [global_ok] * len(gathered)
+        if self.nonfinite != "none" and global_ok is None:
+            oks = self._groups_ok([grads for _, grads, _ in gathered])
+        for group, (params, grads, states), ok in zip(self.param_groups, gathered, oks):
             if not params:
                 continue
-            ok = None
             if self.nonfinite != "none":
-                ok = global_ok if global_ok is not None else self._group_ok(grads)
                 if self.nonfinite == "raise" and not bool(ok):  # documented: this policy syncs
                     raise FloatingPointError(
                         f"{type(self).__name__}: non-finite gradient in a parameter group "
@@ -164,15 +168,28 @@ class LayerwiseOptimizer(Optimizer):
         owner = {id(x): p for p, x in zip(params, xs)}
         self.telemetry.record([owner[id(x)] for x in updated], *norms)
 
-    def _group_ok(self, grads: list[Tensor]) -> Tensor:
-        ok = all_finite(grads)
-        if self.norm_reducer is not None:
-            ok = self.norm_reducer((~ok).float().reshape(1)).reshape(()) == 0
-        return ok
+    def _totals_reducer(self) -> SquaredSumReducer | None:
+        return getattr(self.norm_reducer, "reduce_totals", self.norm_reducer)
+
+    def _groups_ok(self, grads_per_group: list[list[Tensor]]) -> list[Tensor]:
+        """A 0-d bool per group: all its gradients are finite. With a reducer the flags of all
+        groups are summed over ranks in one call, so every rank takes the same decision."""
+        oks = [all_finite(grads) for grads in grads_per_group]
+        reduce = self._totals_reducer()
+        if reduce is None:
+            return oks
+        device = next((grads[0].device for grads in grads_per_group if grads), None)
+        bad = reduce(torch.stack([(~ok).float().to(device) for ok in oks]))
+        return list((bad == 0).unbind())
 
     def _step_group(self, group, params, grads, states, ok, grad_scale) -> None:
         # Parameters are updated through their float32 master copy when they are 16-bit.
         xs = [s.get("master", p) for p, s in zip(params, states)]
+        if any(is_dtensor(x) for x in xs):
+            # Sharded parameters are updated shard by shard on plain tensors; the norm_reducer makes
+            # each norm whole in one collective (DTensor ops would issue one collective per norm).
+            xs = [local_tensor(x) for x in xs]
+            states = [{k: local_tensor(v) for k, v in s.items()} for s in states]
         use_foreach = self._use_foreach(params)
         if use_foreach:
             # The multi-tensor path needs tensors of one device and dtype per call.
@@ -186,6 +203,16 @@ class LayerwiseOptimizer(Optimizer):
                 self._record(params, xs, bx, self._update(group, bx, bg, bs, ok, grad_scale, True))
         else:
             self._record(params, xs, xs, self._update(group, xs, grads, states, ok, grad_scale, False))
-        for p, x in zip(params, xs):
-            if x is not p:
-                p.copy_(x)
+        for p, x, s in zip(params, xs, states):
+            if "master" in s:
+                local_tensor(p).copy_(x)
+
+
+def _placement_reducer(param_groups: list[dict]) -> SquaredSumReducer | None:
+    """The reducer implied by DTensor parameters (FSDP2), or None when no parameter is a DTensor."""
+    params = [p for g in param_groups for p in g["params"]]
+    if not any(is_dtensor(p) for p in params):
+        return None
+    from largebatch.distributed.norms import dtensor_norm_reducer  # imported only when DTensors are in use
+
+    return dtensor_norm_reducer(params)
