@@ -1,0 +1,461 @@
+"""The training loop: any effective batch size, same-epochs budgeting, exact accumulation, resume.
+
+effective batch = micro-batch x accumulation steps x world size. The loop owns the data order: the
+examples of epoch ``e`` are ``randperm(n)`` drawn from a generator seeded by (seed, e), global step
+``s`` takes the ``s``-th slice of ``batch_size`` examples of its epoch, each rank takes its
+contiguous share of that slice, and the share is cut into micro-batches. The objective of a step
+is sum(loss_sum) / sum(weight) over the whole effective batch, so gradient accumulation and data
+parallelism give the gradient of one big batch (exactly, for tasks without batch statistics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from largebatch.optim import create_optimizer, param_groups
+from largebatch.optim.registry import OPTIMIZERS
+from largebatch.schedules import Recipe, ScheduleLR
+from largebatch.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from largebatch.train.task import Batch, Task
+
+PRECISIONS = ("fp32", "bf16", "fp64")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Plain values only, so it is stored in checkpoints and databases.
+
+    Learning rate: ``lr`` is the peak LR at ``batch_size``; when it is None, the recipe scales
+    ``base_lr`` from ``base_batch`` to ``batch_size`` with ``lr_rule`` ("sqrt", "linear", "none").
+    Warmup: ``warmup_epochs`` at ``base_batch``, scaled to ``batch_size`` by ``warmup_rule``
+    ("constant": same epochs at any batch; "linear": epochs grow with the batch, the paper's
+    linear-epoch warmup, i.e. the same number of warmup steps). Decay: "poly" (power ``power``),
+    "cosine", "constant" or "step" (x``decay_factor`` at ``decay_epochs``).
+    """
+
+    task: str = "mnist-lenet"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "lamb"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 128
+    micro_batch_size: int | None = None
+    max_micro_batch: int = 1024
+    epochs: float = 1.0
+    lr: float | None = None
+    base_lr: float = 1e-3
+    base_batch: int | None = None
+    lr_rule: str = "sqrt"
+    warmup_epochs: float = 0.0
+    warmup_rule: str = "constant"
+    decay: str = "poly"
+    power: float = 1.0
+    decay_epochs: tuple[float, ...] = ()
+    decay_factor: float = 0.1
+    weight_decay: float = 0.0
+    exclude_from_adaptation: str = "same"
+    max_grad_norm: float | None = None
+    seed: int = 0
+    eval_every: int = 0
+    eval_batch_size: int = 1024
+    precision: str = "fp32"
+    device: str = "auto"
+    out_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = True
+    tensorboard: bool = False
+    log_every: int = 10
+    progress: bool = True
+    max_steps: int | None = None
+    diverge_patience: int = 3
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid names are: {', '.join(OPTIMIZERS)}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ValueError(f"Invalid batch_size: {self.batch_size!r}; it must be a positive integer")
+        if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int) or self.micro_batch_size <= 0):
+            raise ValueError(f"Invalid micro_batch_size: {self.micro_batch_size!r}; it must be None (auto) or a positive integer")
+        if self.max_micro_batch <= 0:
+            raise ValueError(f"Invalid max_micro_batch: {self.max_micro_batch!r}; it must be a positive integer")
+        if not self.epochs > 0:
+            raise ValueError(f"Invalid epochs: {self.epochs!r}; it must be > 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Invalid precision: {self.precision!r}; allowed values are {', '.join(PRECISIONS)}")
+        for name in ("eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be >= 0 (0 = off)")
+        if self.lr is not None and not self.lr >= 0:
+            raise ValueError(f"Invalid lr: {self.lr!r}; it must be >= 0 or None (derived from base_lr by the recipe)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decay_epochs"] = list(self.decay_epochs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "decay_epochs" in d:
+            d["decay_epochs"] = tuple(d["decay_epochs"])
+        return cls(**d)
+
+
+# Options that do not change the numbers a run produces (so a run may be resumed under new ones).
+_NON_SEMANTIC = {"out_dir", "resume", "progress", "tensorboard", "log_every", "checkpoint_every", "eval_every",
+                 "max_steps", "device", "eval_batch_size", "micro_batch_size", "max_micro_batch"}  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished", "diverged" or "stopped" (max_steps reached)
+    steps: int
+    total_steps: int
+    final: dict[str, float]
+    history: list[dict[str, Any]]
+    wall_time: float
+    lr: float
+    warmup_steps: int
+    accumulation: int
+    micro_batch_size: int
+    world_size: int
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The example order of one epoch: a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batch_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    """The generator for augmentation/masking of one micro-batch (resumable: a pure function)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 1013 + micro)
+
+
+def plan_micro_batches(per_rank: int, micro_batch_size: int | None, max_micro_batch: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) for one rank's share of the effective batch."""
+    micro = micro_batch_size or min(per_rank, max_micro_batch)
+    micro = min(micro, per_rank)
+    return micro, math.ceil(per_rank / micro)
+
+
+class _Dist:
+    """The distributed context, or a single-process stand-in."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        self.ctx = None
+        if self.world_size > 1:
+            from largebatch import distributed
+
+            self.ctx = distributed.init_from_env()
+            self.rank = self.ctx.rank
+            self.world_size = self.ctx.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        from largebatch import distributed
+
+        return distributed.all_reduce_sum(t)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            from largebatch import distributed
+
+            distributed.barrier()
+
+    def no_sync(self, model: nn.Module, skip: bool):
+        if self.world_size > 1 and skip:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+
+def _cast_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
+    batch = batch.to(device)
+    if dtype is not None:
+        batch = Batch({k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.tensors.items()}, batch.weight)
+    return batch
+
+
+def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None = None) -> TrainResult:
+    """Train ``task`` (a built-in task by ``config.task`` if None) under ``config``.
+
+    With ``config.out_dir`` set, the run writes ``checkpoint.pt`` (atomically), ``metrics.jsonl``
+    and ``result.json`` there, and resumes from the checkpoint when ``config.resume`` is True. A
+    finished run in ``out_dir`` is returned as it is, never overwritten.
+    """
+    config.validate()
+    dist = _Dist()
+    device = resolve_device(config.device)
+    if task is None:
+        from largebatch.train.tasks import get_task
+
+        task = get_task(config.task, **config.task_options)
+    n_train = task.num_examples("train")
+    if config.batch_size > n_train:
+        raise ValueError(
+            f"Invalid batch_size {config.batch_size}: it is larger than the {n_train} training examples of "
+            f"task {config.task!r}; allowed: 1 .. {n_train}"
+        )
+    if config.batch_size < dist.world_size:
+        raise ValueError(f"Invalid batch_size {config.batch_size}: fewer examples than the {dist.world_size} ranks")
+
+    out_dir = Path(config.out_dir) if config.out_dir else None
+    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
+    if out_dir and not config.resume and (ckpt_path.exists() or (out_dir / "result.json").exists()):
+        raise FileExistsError(
+            f"{out_dir} already holds a run (checkpoint.pt/result.json); use resume=True to continue it, "
+            f"or another out_dir (nothing is overwritten)"
+        )
+    if out_dir and dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir and (out_dir / "result.json").exists() and config.resume:
+        saved = json.loads((out_dir / "result.json").read_text())
+        _check_same_run(saved["config"], config.to_dict(), out_dir)
+        if saved["status"] == "finished":
+            return TrainResult(**saved)
+
+    # -- the recipe: peak LR, warmup and total steps for the same number of epochs
+    base_batch = config.base_batch or config.batch_size
+    recipe = Recipe(
+        base_lr=config.lr if config.lr is not None else config.base_lr,
+        base_batch=base_batch,
+        rule="none" if config.lr is not None else config.lr_rule,  # a given lr is used as it is
+        warmup_epochs=config.warmup_epochs,
+        warmup_rule=config.warmup_rule,
+        decay=config.decay,
+        power=config.power,
+        decay_epochs=tuple(config.decay_epochs),
+        decay_factor=config.decay_factor,
+    )
+    plan = recipe.resolve(batch_size=config.batch_size, dataset_size=n_train, epochs=config.epochs)
+    peak_lr = plan.lr
+    total_steps = plan.total_steps
+    spe = plan.steps_per_epoch
+
+    per_rank = math.ceil(config.batch_size / dist.world_size)
+    micro, accumulation = plan_micro_batches(per_rank, config.micro_batch_size, config.max_micro_batch)
+
+    # -- model, optimizer, scheduler
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = task.build_model()
+    dtype = torch.float64 if config.precision == "fp64" else None
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    names = {p: n for n, p in model.named_parameters()}
+    groups = param_groups(model, config.weight_decay, exclude_from_adaptation=config.exclude_from_adaptation)
+    opt_options = dict(config.optimizer_options)
+    if config.max_grad_norm is not None and OPTIMIZERS[config.optimizer].layerwise:
+        opt_options.setdefault("max_grad_norm", config.max_grad_norm)
+    optimizer = create_optimizer(config.optimizer, groups, lr=peak_lr, weight_decay=config.weight_decay, **opt_options)
+    scheduler = ScheduleLR(optimizer, plan.schedule, peak_lr=peak_lr)
+    train_model: nn.Module = model
+    if dist.world_size > 1:
+        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+    start_step, history, wall_offset = 0, [], 0.0
+    if ckpt_path and config.resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, map_location=device)
+        _check_same_run(ck["config"], config.to_dict(), out_dir)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        start_step, history, wall_offset = int(ck["step"]), list(ck["history"]), float(ck["wall_time"])
+
+    writer = _tensorboard(out_dir, config) if dist.is_main else None
+    metrics_file = None
+    if out_dir and dist.is_main:
+        # the log restarts from the checkpoint's history, so a resumed run has no duplicate lines
+        atomic_write_bytes(out_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+        metrics_file = (out_dir / "metrics.jsonl").open("a")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
+
+    def log(record: dict[str, Any]) -> None:
+        history.append(record)
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def evaluate(step: int) -> dict[str, float]:
+        with autocast:
+            metrics = task.evaluate(model, batch_size=config.eval_batch_size, device=device)
+        record = {"step": step, "epoch": step / spe, "split": "eval", **metrics}
+        log(record)
+        if writer:
+            for k, v in metrics.items():
+                writer.add_scalar(f"eval/{k}", v, step)
+        return metrics
+
+    def save(step: int, elapsed: float) -> None:
+        if ckpt_path and dist.is_main:
+            save_checkpoint(
+                ckpt_path,
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(), "step": step, "history": history, "wall_time": elapsed, "config": config.to_dict()},
+            )  # fmt: skip
+        dist.barrier()
+
+    end_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+    status = "finished" if end_step == total_steps else "stopped"
+    bar = None
+    if config.progress and dist.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"{config.task} {config.optimizer} B={config.batch_size}",
+                   unit="step", dynamic_ncols=True, leave=False)  # fmt: skip
+
+    t0 = time.perf_counter()
+    perm_epoch, perm = -1, None
+    bad_steps = 0
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_weight, window_examples, window_t = 0, 0, time.perf_counter()
+    train_model.train()
+    step = start_step
+    for step in range(start_step, end_step):
+        epoch, pos = divmod(step, spe)
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, epoch_permutation(config.seed, epoch, n_train)
+        idx = perm[pos * config.batch_size : (pos + 1) * config.batch_size]
+        share = idx.tensor_split(dist.world_size)[dist.rank]
+        micro_idx = share.split(micro)
+        batches = [task.get_batch("train", mi, batch_generator(config.seed, step, dist.rank, j)) for j, mi in enumerate(micro_idx)]
+        total_weight = dist.all_reduce_sum(torch.tensor(float(sum(b.weight for b in batches)), device=device))
+        # DDP averages gradients over ranks; scaling by world_size / W makes the result sum/W.
+        scale = dist.world_size / total_weight
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for j, b in enumerate(batches):
+            b = _cast_batch(b, device, dtype)
+            with dist.no_sync(train_model, j < len(batches) - 1), autocast:
+                loss_sum, _ = task.loss(train_model, b)
+            (loss_sum * scale).backward()
+            step_loss += loss_sum.detach().double()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        window_loss += dist.all_reduce_sum(step_loss) / total_weight  # stays on the device
+        window_weight += 1
+        window_examples += len(idx)
+
+        done = step + 1
+        if bar:
+            bar.update(1)
+        if done % max(config.log_every, 1) == 0 or done == end_step:
+            # the loss is read on the host only here, once per log interval
+            now = time.perf_counter()
+            rec = {"step": done, "epoch": done / spe, "split": "train", "loss": float(window_loss) / window_weight,
+                   "lr": optimizer.param_groups[0]["lr"], "examples_per_s": window_examples / max(now - window_t, 1e-9)}  # fmt: skip
+            if not math.isfinite(rec["loss"]):
+                bad_steps += 1
+                if bad_steps >= config.diverge_patience:
+                    status = "diverged"
+                    log({**rec, "status": "diverged"})
+                    step = done
+                    break
+            else:
+                bad_steps = 0
+            if config.log_every:
+                log(rec)
+            if bar:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ex_s=f"{rec['examples_per_s']:.0f}")
+            if writer:
+                _log_tensorboard(writer, rec, optimizer, names, done)
+            window_loss.zero_()
+            window_weight, window_examples, window_t = 0, 0, now
+        if config.eval_every and done % config.eval_every == 0 and done < end_step and dist.is_main:
+            evaluate(done)
+        dist.barrier() if (config.eval_every and done % config.eval_every == 0) else None
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < end_step:
+            save(done, wall_offset + time.perf_counter() - t0)
+    else:
+        step = end_step
+    if bar:
+        bar.close()
+
+    final: dict[str, float] = {}
+    if dist.is_main:
+        final = evaluate(step) if status != "diverged" else {"loss": float("nan")}
+    elapsed = wall_offset + time.perf_counter() - t0
+    if status != "diverged":  # a diverged run keeps its last good checkpoint
+        save(step, elapsed)
+    result = TrainResult(
+        status=status, steps=step, total_steps=total_steps, final=final, history=history, wall_time=elapsed,
+        lr=peak_lr, warmup_steps=plan.warmup_steps, accumulation=accumulation, micro_batch_size=micro,
+        world_size=dist.world_size, config=config.to_dict(),
+    )  # fmt: skip
+    if out_dir and dist.is_main:
+        atomic_write_json(out_dir / "result.json", result.to_dict())
+    if metrics_file:
+        metrics_file.close()
+    if writer:
+        writer.close()
+    return result
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], out_dir: Path | None) -> None:
+    diff = sorted(k for k in set(saved) | set(current) if k not in _NON_SEMANTIC and saved.get(k) != current.get(k))
+    if diff:
+        details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"{out_dir} holds a different run ({details}); use another out_dir or resume=False "
+            f"with a new folder (nothing was overwritten)"
+        )
+
+
+def _tensorboard(out_dir: Path | None, config: TrainConfig):
+    if not (config.tensorboard and out_dir):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("tensorboard logging needs the tensorboard package: pip install 'largebatch[tensorboard]'") from exc
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _log_tensorboard(writer, rec: dict[str, Any], optimizer, names: dict, step: int) -> None:
+    for k in ("loss", "lr", "examples_per_s"):
+        writer.add_scalar(f"train/{k}", rec[k], step)
+    telemetry = getattr(optimizer, "telemetry", None)
+    if telemetry is None:
+        return
+    stats = telemetry.read()
+    ratios = []
+    for p, s in stats.items():
+        name = names.get(p, "?")
+        writer.add_scalar(f"trust_ratio/{name}", s["trust_ratio"], step)
+        writer.add_scalar(f"weight_norm/{name}", s["weight_norm"], step)
+        ratios.append(s["trust_ratio"])
+    if ratios:
+        writer.add_histogram("trust_ratio/all", torch.tensor(ratios), step)
