@@ -121,6 +121,20 @@ def checkpoint_case(mesh, info, x, y):
     return out
 
 
+def error_cases(mesh):
+    """Layouts the automatic reducer refuses, with their messages."""
+    sharded = shard(make_model(), mesh)
+    plain = torch.nn.Linear(2, 2).double()
+    out = {}
+    for name, params in {"mixed_dtensor_and_plain": [*sharded.parameters(), *plain.parameters()]}.items():
+        try:
+            Lamb(params)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
 def main():
     info = init_from_env()
     mesh = init_device_mesh("cpu", (info.world_size,))
@@ -128,7 +142,12 @@ def main():
     results = {}
     for name, (cls, kwargs) in CASES.items():
         results[name], _, _ = run_case(cls, kwargs, mesh, info, x, y)
+    # HSDP placements (Replicate, Shard): the reducer sums over the shard dimension's group only
+    hsdp_mesh = init_device_mesh("cpu", (1, info.world_size), mesh_dim_names=("replicate", "shard"))
+    results["lamb_hsdp_mesh"], model, _ = run_case(Lamb, CASES["lamb"][1], hsdp_mesh, info, x, y)
+    results["lamb_hsdp_mesh"]["placements"] = str(next(model.parameters()).placements)
     results["checkpoint"] = checkpoint_case(mesh, info, x, y)
+    results["errors"] = error_cases(mesh)
     if info.is_main:
         write_json(out_path(), results)
     cleanup()
