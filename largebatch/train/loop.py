@@ -27,7 +27,7 @@ from largebatch.optim import create_optimizer, param_groups
 from largebatch.optim.registry import OPTIMIZERS
 from largebatch.schedules import Recipe, ScheduleLR
 from largebatch.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from largebatch.train.task import Batch, Task
+from largebatch.train.task import Task
 
 PRECISIONS = ("fp32", "bf16", "fp64")
 
@@ -200,13 +200,6 @@ class _Dist:
         return contextlib.nullcontext()
 
 
-def _cast_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
-    batch = batch.to(device)
-    if dtype is not None:
-        batch = Batch({k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.tensors.items()}, batch.weight)
-    return batch
-
-
 def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None = None) -> TrainResult:
     """Train ``task`` (a built-in task by ``config.task`` if None) under ``config``.
 
@@ -310,7 +303,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
 
     def evaluate(step: int) -> dict[str, float]:
         with autocast:
-            metrics = task.evaluate(model, batch_size=config.eval_batch_size, device=device)
+            metrics = task.evaluate(model, batch_size=config.eval_batch_size, device=device, dtype=dtype)
         record = {"step": step, "epoch": step / spe, "split": "eval", **metrics}
         log(record)
         if writer:
@@ -356,7 +349,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         scale = dist.world_size / total_weight
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for j, b in enumerate(batches):
-            b = _cast_batch(b, device, dtype)
+            b = b.to(device, dtype)
             with dist.no_sync(train_model, j < len(batches) - 1), autocast:
                 loss_sum, _ = task.loss(train_model, b)
             (loss_sum * scale).backward()

@@ -25,8 +25,13 @@ class Batch:
     tensors: dict[str, torch.Tensor]
     weight: int
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.weight)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+        """Move to ``device``; with ``dtype``, floating tensors are also cast to it."""
+
+        def move(v: torch.Tensor) -> torch.Tensor:
+            return v.to(device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None, non_blocking=True)
+
+        return Batch({k: move(v) for k, v in self.tensors.items()}, self.weight)
 
 
 class Task(ABC):
@@ -51,7 +56,9 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(sum of per-item losses over the batch, extra metric *sums* such as correct counts)."""
 
-    def evaluate(self, model: nn.Module, batch_size: int = 1024, device: str | torch.device = "cpu") -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batch_size: int = 1024, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> dict[str, float]:
         """Mean loss and metrics over the whole eval split (deterministic)."""
         model.eval()
         totals: dict[str, float] = {}
@@ -61,7 +68,7 @@ class Task(ABC):
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 idx = torch.arange(start, min(n, start + batch_size))
-                batch = self.get_batch("eval", idx, gen).to(device)
+                batch = self.get_batch("eval", idx, gen).to(device, dtype)
                 loss_sum, sums = self.loss(model, batch)
                 totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
                 for k, v in sums.items():

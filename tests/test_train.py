@@ -1,0 +1,174 @@
+"""The training harness: exact accumulation, bit-exact resume after a kill, errors, logs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from largebatch.train.loop import TrainConfig, fit
+from largebatch.train.tasks import get_task
+
+SUBSET = {"train_subset": 512, "eval_subset": 256}
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return get_task("mnist-lenet", **SUBSET)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "sgd", "lars"])
+def test_accumulation_equals_one_big_batch(mnist, optimizer):
+    """micro 16 x 4 accumulation == one batch of 64, after 4 steps, in float64."""
+    runs = []
+    for micro in (64, 16, 24):  # 24 does not divide 64: uneven micro-batches are exact too
+        cfg = TrainConfig(task="mnist-lenet", optimizer=optimizer, batch_size=64, micro_batch_size=micro, epochs=1,
+                          lr=0.05, weight_decay=0.01, precision="fp64", max_steps=4, progress=False, log_every=0)  # fmt: skip
+        torch.manual_seed(0)
+        model = mnist.build_model()
+        res = fit(cfg, task=mnist, model=model)
+        assert res.accumulation == -(-64 // micro)
+        runs.append(_params(model))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_accumulated_gradient_equals_full_batch_gradient(mnist):
+    torch.manual_seed(0)
+    model = mnist.build_model().double()
+    idx = torch.arange(64)
+
+    def grads_for(chunks):
+        model.zero_grad()
+        batches = [mnist.get_batch("train", c) for c in chunks]
+        total = sum(b.weight for b in batches)
+        for b in batches:
+            b = type(b)({k: v.double() if v.is_floating_point() else v for k, v in b.tensors.items()}, b.weight)
+            loss_sum, _ = mnist.loss(model, b)
+            (loss_sum / total).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    full = grads_for([idx])
+    for a, b in zip(full, grads_for(idx.split(10))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def _train_cmd(out_dir, extra=()):
+    return [sys.executable, "-m", "largebatch", "train", "--task", "mnist-lenet", "--task-option", "train_subset=1024",
+            "--task-option", "eval_subset=256", "--optimizer", "lamb", "--batch-size", "16", "--epochs", "4",
+            "--base-lr", "0.01", "--warmup-epochs", "0.2", "--weight-decay", "0.01", "--checkpoint-every", "5",
+            "--out-dir", str(out_dir), "--no-progress", "--log-every", "5", *extra]  # fmt: skip
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd(full), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "result.json").exists()
+    step_at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step_at_kill < 256
+
+    out = subprocess.run(_train_cmd(killed), check=True, env=env, capture_output=True, text=True)
+    assert "finished" in out.stdout
+    a = torch.load(full / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 256
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), (k, step_at_kill, (a["model"][k] - b["model"][k]).abs().max())
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k])
+    ra = json.loads((full / "result.json").read_text())
+    rb = json.loads((killed / "result.json").read_text())
+    assert ra["final"] == rb["final"]
+    lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if r["split"] == "train"]
+    assert steps == sorted(set(steps))  # no duplicated log lines after the resume
+
+
+def test_finished_run_is_returned_not_overwritten(tmp_path, mnist):
+    cfg = TrainConfig(task="mnist-lenet", batch_size=128, epochs=1, base_lr=0.01, out_dir=str(tmp_path / "r"),
+                      progress=False, task_options=SUBSET)  # fmt: skip
+    first = fit(cfg, task=mnist)
+    mtime = (tmp_path / "r" / "checkpoint.pt").stat().st_mtime_ns
+    again = fit(cfg, task=mnist)
+    assert again.final == first.final and (tmp_path / "r" / "checkpoint.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        fit(TrainConfig(**{**cfg.to_dict(), "resume": False, "decay_epochs": ()}), task=mnist)
+    other = TrainConfig(**{**cfg.to_dict(), "base_lr": 0.5, "decay_epochs": ()})
+    with pytest.raises(ValueError, match=r"holds a different run \(base_lr: saved 0.01, now 0.5\)"):
+        fit(other, task=mnist)
+
+
+def test_diverging_run_is_reported_and_keeps_its_checkpoint(tmp_path, mnist):
+    cfg = TrainConfig(task="mnist-lenet", optimizer="sgd", batch_size=64, epochs=2, lr=1e6, out_dir=str(tmp_path / "d"),
+                      progress=False, log_every=1, checkpoint_every=2, task_options=SUBSET)  # fmt: skip
+    res = fit(cfg, task=mnist)
+    assert res.status == "diverged" and res.steps < res.total_steps
+    ck = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()) or ck["step"] <= res.steps
+
+
+def test_same_epochs_budget_and_recipe(mnist):
+    cfg = TrainConfig(task="mnist-lenet", batch_size=128, epochs=2, base_lr=0.01, base_batch=32, lr_rule="sqrt",
+                      warmup_epochs=0.25, warmup_rule="linear", max_steps=1, progress=False, log_every=0)  # fmt: skip
+    res = fit(cfg, task=mnist)
+    assert res.total_steps == 2 * 4  # 512 examples / 128 per step, 2 epochs
+    assert res.lr == pytest.approx(0.01 * 2.0)  # sqrt(128 / 32)
+    # linear-epoch warmup: 0.25 epochs at batch 32 (4 steps) stay 4 steps at batch 128 (1 epoch)
+    assert res.warmup_steps == 4
+
+
+def test_bf16_autocast_and_tensorboard(tmp_path, mnist):
+    cfg = TrainConfig(task="mnist-lenet", batch_size=128, epochs=1, base_lr=0.01, precision="bf16", tensorboard=True,
+                      out_dir=str(tmp_path / "tb"), progress=False, log_every=1, task_options=SUBSET)  # fmt: skip
+    res = fit(cfg, task=mnist)
+    assert res.status == "finished" and 0 <= res.final["accuracy"] <= 1
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bad_inputs_have_clear_errors(mnist, tmp_path):
+    with pytest.raises(ValueError, match=r"Invalid batch_size 100000: it is larger than the 512 training examples"):
+        fit(TrainConfig(batch_size=100000, progress=False), task=mnist)
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'lion'; valid names are: lamb"):
+        fit(TrainConfig(optimizer="lion"), task=mnist)
+    with pytest.raises(ValueError, match=r"Invalid batch_size: 0"):
+        fit(TrainConfig(batch_size=0), task=mnist)
+    with pytest.raises(ValueError, match=r"Invalid precision: 'fp8'"):
+        fit(TrainConfig(precision="fp8"), task=mnist)
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        get_task("mnist-lenet", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"unknown task 'imagenet'; valid tasks: bert-mlm, cifar10-resnet, mnist-lenet"):
+        get_task("imagenet")
+
+
+def test_cli_train_prints_summary_and_rejects_unknown_names(tmp_path):
+    base = [sys.executable, "-m", "largebatch", "train", "--task-option", "train_subset=256",
+            "--task-option", "eval_subset=128", "--no-progress"]  # fmt: skip
+    out = subprocess.run(base + ["--batch-size", "64", "--epochs", "1", "--micro-batch-size", "16"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert "finished: mnist-lenet lamb batch 64 (micro 16 x 4 accumulation x 1 ranks)" in out.stdout
+    assert "accuracy" in out.stdout
+    bad = subprocess.run(base + ["--optimizer", "lion"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'lion'" in bad.stderr and "lamb" in bad.stderr
+    bad = subprocess.run(base + ["--task", "imagenet"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "mnist-lenet" in bad.stderr
