@@ -172,3 +172,42 @@ def test_cli_train_prints_summary_and_rejects_unknown_names(tmp_path):
     assert bad.returncode == 2 and "invalid choice: 'lion'" in bad.stderr and "lamb" in bad.stderr
     bad = subprocess.run(base + ["--task", "imagenet"], capture_output=True, text=True)
     assert bad.returncode == 2 and "mnist-lenet" in bad.stderr
+
+
+def _write_tiny_cifar(folder: Path, n: int = 32) -> None:
+    import pickle
+
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+
+
+def test_cifar_task_trains_from_the_cli(tmp_path):
+    _write_tiny_cifar(tmp_path / "cifar")
+    out = subprocess.run(
+        [sys.executable, "-m", "largebatch", "train", "--task", "cifar10-resnet", "--task-option",
+         f"data_dir={tmp_path / 'cifar'}", "--task-option", "width=0.125", "--optimizer", "lars",
+         "--batch-size", "64", "--micro-batch-size", "32", "--epochs", "1", "--lr", "0.1", "--no-progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "finished: cifar10-resnet lars batch 64 (micro 32 x 2 accumulation" in out.stdout
+
+
+def test_cifar_missing_folder_names_expected_files(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="data_batch_1"):
+        get_task("cifar10-resnet", data_dir=str(tmp_path / "none"))
+
+
+def test_bert_mlm_trains_a_few_steps(tmp_path):
+    cfg = TrainConfig(task="bert-mlm", task_options={"train_subset": 64, "eval_subset": 16, "seq_len": 64},
+                      optimizer="lamb", batch_size=32, micro_batch_size=16, epochs=1, base_lr=1e-3,
+                      weight_decay=0.01, max_grad_norm=1.0, progress=False, out_dir=str(tmp_path / "bert"))  # fmt: skip
+    res = fit(cfg)
+    assert res.status == "finished" and res.steps == 2 and res.accumulation == 2
+    assert 0.0 <= res.final["accuracy"] <= 1.0 and res.final["loss"] > 0
