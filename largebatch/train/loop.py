@@ -78,6 +78,7 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None
     diverge_patience: int = 3
+    record_trust_ratios: bool = False  # add {layer name: trust ratio} of the last step to train log records
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -117,7 +118,7 @@ class TrainConfig:
 
 # Options that do not change the numbers a run produces (so a run may be resumed under new ones).
 _NON_SEMANTIC = {"out_dir", "resume", "progress", "tensorboard", "log_every", "checkpoint_every", "eval_every",
-                 "max_steps", "device", "eval_batch_size", "micro_batch_size", "max_micro_batch"}  # fmt: skip
+                 "max_steps", "device", "eval_batch_size", "micro_batch_size", "max_micro_batch", "record_trust_ratios"}  # fmt: skip
 
 
 @dataclass
@@ -370,6 +371,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
             now = time.perf_counter()
             rec = {"step": done, "epoch": done / spe, "split": "train", "loss": float(window_loss) / window_weight,
                    "lr": optimizer.param_groups[0]["lr"], "examples_per_s": window_examples / max(now - window_t, 1e-9)}  # fmt: skip
+            if config.record_trust_ratios and getattr(optimizer, "telemetry", None) is not None:
+                rec["trust_ratio"] = {names.get(p, "?"): s["trust_ratio"] for p, s in optimizer.telemetry.read().items()}
             if not math.isfinite(rec["loss"]):
                 bad_steps += 1
                 if bad_steps >= config.diverge_patience:
