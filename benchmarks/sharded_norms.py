@@ -93,7 +93,7 @@ PATHS = {
 }
 
 
-def time_path(make_opt, args, mesh):
+def setup_path(make_opt, args, mesh):
     model = sharded_model(args, mesh)
     opt = make_opt(param_groups(model, 0.01))
     set_grads(model)
@@ -101,15 +101,15 @@ def time_path(make_opt, args, mesh):
         opt.step()
     with CommDebugMode() as counter:
         opt.step()
-    times = []
-    for _ in range(args.steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        opt.step()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    n_tensors = sum(len(g["params"]) for g in opt.param_groups)
-    return statistics.median(times) * 1e3, counter.get_total_counts(), n_tensors, len(opt.param_groups), model
+    return model, opt, counter.get_total_counts()
+
+
+def timed_step(opt) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    opt.step()
+    dist.barrier()
+    return time.perf_counter() - t0
 
 
 def main():
@@ -117,24 +117,28 @@ def main():
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = init_from_env()
     mesh = init_device_mesh("cpu", (info.world_size,))
-    rows, finals = [], []
-    for name, make_opt in PATHS.items():
-        ms, comms, n_tensors, n_groups, model = time_path(make_opt, args, mesh)
-        finals.append([p.detach().full_tensor() for p in model.parameters()])
-        rows.append((name, ms, comms))
+    setups = {name: setup_path(make_opt, args, mesh) for name, make_opt in PATHS.items()}
+    times = {name: [] for name in PATHS}
+    for _ in range(args.steps):  # the paths take turns, so that drift in machine load hits all alike
+        for name, (_, opt, _) in setups.items():
+            times[name].append(timed_step(opt))
+    rows = [(name, statistics.median(times[name]) * 1e3, comms) for name, (_, _, comms) in setups.items()]
+    finals = [[p.detach().full_tensor() for p in model.parameters()] for model, _, _ in setups.values()]
+    some_opt = next(iter(setups.values()))[1]
+    n_tensors, n_groups = sum(len(g["params"]) for g in some_opt.param_groups), len(some_opt.param_groups)
     n_params = sum(p.numel() for p in finals[0])
     exact = [f for (name, _, _), f in zip(rows, finals) if "wrong" not in name]
     agree = max(float((a - b).abs().max()) for f in exact[1:] for a, b in zip(exact[0], f))
     base = rows[0][1]
     lines = [
         f"{n_params / 1e6:.2f}M params in {n_tensors} tensors, {n_groups} groups, {info.world_size} gloo ranks, float32, "
-        f"median of {args.steps} steps after {args.warmup} warm-up",
+        f"median of {args.steps} interleaved steps after {args.warmup + 1} warm-up",
         "",
         "| path | collectives / step | step, ms | x batched |",
         "|---|---|---|---|",

@@ -93,6 +93,15 @@ def test_fsdp2_matches_single_process(fsdp, case):
 
 
 @multiprocess
+def test_fsdp2_bfloat16_with_float32_master_weights(fsdp):
+    r = fsdp["lamb_bf16_master_weights"]
+    assert r["param_dtype"] == "torch.bfloat16" and r["master_type"] == "DTensor"
+    assert r["master_diff"] <= 1e-6  # float32 rounding of the norms (measured 3e-8)
+    assert r["state_diff"] <= 1e-6
+    assert r["param_diff"] <= 2**-8  # at most one bfloat16 rounding step apart (measured 0)
+
+
+@multiprocess
 def test_fsdp2_run_covers_uneven_and_empty_shards_and_active_clipping(fsdp):
     rank0, rank1 = fsdp["lamb"]["local_shapes"]
     assert rank0[0] == [5, 6] and rank1[0] == [4, 6]  # dim 0 of 9 over 2 ranks: FSDP2 pads, norms must not see it

@@ -144,7 +144,8 @@ def global_grad_norm(grads: list[Tensor], reduce: SquaredSumReducer | None = Non
     if not grads:
         return torch.zeros(())
     dt = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    sq = torch.stack([n.to(dt) ** 2 for n in torch._foreach_norm(grads)]).sum().reshape(1)
+    # per-tensor norms computed in dt: 16-bit norms (8 mantissa bits for bf16) would lose ~0.1-0.4%
+    sq = torch.stack(torch._foreach_norm(grads, 2, dtype=dt)).square().sum().reshape(1)
     if reduce is not None:
         sq = reduce(sq)
     return sq.sqrt().reshape(())

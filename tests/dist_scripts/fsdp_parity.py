@@ -67,6 +67,33 @@ def run_case(cls, kwargs, mesh, info, x, y):
     }, model, opt
 
 
+def bf16_case(mesh):
+    """bfloat16 parameters with float32 master weights (DTensor state). Both sides get the same
+    bfloat16 gradients, so the only difference left is float32 rounding in the norms."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model, ref = shard(make_model().bfloat16(), mesh), make_model().bfloat16()
+    opt = Lamb(param_groups(model, 0.1, exclude_from_adaptation="none"), lr=0.02, weight_decay=0.1, **CLIP)
+    ref_opt = Lamb(param_groups(ref, 0.1, exclude_from_adaptation="none"), lr=0.02, weight_decay=0.1, **CLIP)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(STEPS):
+        for p, q in zip(model.parameters(), ref.parameters()):
+            g = torch.randn(q.shape, generator=gen, dtype=torch.float64).bfloat16()
+            q.grad = g
+            p.grad = distribute_tensor(g, mesh, p.placements)
+        opt.step()
+        ref_opt.step()
+    params, ref_params = list(model.parameters()), list(ref.parameters())
+    masters = [opt.state[p]["master"] for p in params]
+    return {
+        "param_diff": max_abs_diff(params, ref_params),
+        "master_diff": max_abs_diff(masters, [ref_opt.state[q]["master"] for q in ref_params]),
+        "state_diff": state_diff(opt, params, ref_opt, ref_params),
+        "master_type": type(masters[0]).__name__,
+        "param_dtype": str(params[0].dtype),
+    }
+
+
 def _gather_shapes(params):
     """Every rank's local shard shapes (to show the uneven and empty shards the test covers)."""
     import torch.distributed as dist
@@ -146,6 +173,7 @@ def main():
     hsdp_mesh = init_device_mesh("cpu", (1, info.world_size), mesh_dim_names=("replicate", "shard"))
     results["lamb_hsdp_mesh"], model, _ = run_case(Lamb, CASES["lamb"][1], hsdp_mesh, info, x, y)
     results["lamb_hsdp_mesh"]["placements"] = str(next(model.parameters()).placements)
+    results["lamb_bf16_master_weights"] = bf16_case(mesh)
     results["checkpoint"] = checkpoint_case(mesh, info, x, y)
     results["errors"] = error_cases(mesh)
     if info.is_main:
