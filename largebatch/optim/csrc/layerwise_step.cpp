@@ -1,0 +1,477 @@
+// Fused LAMB and LARS steps for contiguous CPU tensors (float32 or float64), called through ctypes.
+//
+// One call updates every tensor of a parameter bucket. Each tensor needs two passes, because its
+// trust ratio needs the norm of the whole update before any element may change:
+//   pass 1 updates the moments in place and accumulates ||x||^2 and ||u||^2,
+//   pass 2 recomputes u from the updated moments and writes x += scale * u.
+// Nothing of tensor size is stored between the passes. Without a cross-shard reduction both passes
+// of a tensor run back to back, so the second one reads from cache whatever still fits there; it
+// walks its range backwards to start with the data that pass 1 touched last.
+//
+// Threads: a tensor with at least kSplitMin elements is cut into one contiguous range per thread
+// (one barrier between its two passes); smaller tensors go whole to one thread each, balanced by
+// size. Partial sums are combined in a fixed order, so a result depends only on the thread count.
+//
+// The element formulas follow the multi-tensor reference (largebatch/optim/lamb.py, lars.py)
+// operation by operation, except that divisions by a per-tensor bias correction are multiplications
+// by its reciprocal. Squared sums are accumulated per block in the element type, then in double.
+//
+// Build: c++ -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off -shared -fPIC with the -D flags
+// at the end of this file (see largebatch/optim/_fused.py).
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kSplitMin = 1 << 15;  // elements; below this a tensor is not split across threads
+constexpr int64_t kBlock = 4096;        // elements per partial sum and per backward step of pass 2
+constexpr int64_t kAlign = 16;          // split points are multiples of this (one 64-byte line of floats)
+
+enum GradType { kGradSame = 0, kGradBF16 = 1, kGradF16 = 2 };
+
+template <typename T, int G>
+struct GradLoad;
+template <typename T>
+struct GradLoad<T, kGradSame> {
+  static inline T at(const void* g, int64_t i) { return static_cast<const T*>(g)[i]; }
+};
+template <>
+struct GradLoad<float, kGradBF16> {
+  static inline float at(const void* g, int64_t i) {
+    uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(g)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+template <>
+struct GradLoad<float, kGradF16> {
+  static inline float at(const void* g, int64_t i) { return static_cast<float>(static_cast<const _Float16*>(g)[i]); }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Everything a step needs, filled by the Python side (a ctypes.Structure with the same layout).
+struct StepArgs {
+  int64_t n;              // number of tensors
+  void** x;               // parameters (T)
+  const void** g;         // gradients (T, or bf16/f16 for float32 parameters: grad_type)
+  void** s1;              // LAMB: exp_avg; LARS: momentum buffer
+  void** s2;              // LAMB: exp_avg_sq; LARS: unused
+  float** step;           // LAMB: 0-d float32 step counters; LARS: unused
+  const int64_t* numel;
+  void* w_norm;           // out: n values of T
+  void* d_norm;           // out: n values of T (||u||, or the direction / gradient norm of LARS)
+  void* ratio;            // out (stage 0, 1) or in (stage 2): n values of T
+  double* sq;             // out (stage 1): 2n squared sums [w..., d...]
+  int32_t grad_type;
+  int32_t stage;          // 0: both passes per tensor; 1: pass 1 only (sums out); 2: pass 2 only (ratio in)
+  int32_t num_threads;
+  int32_t nesterov;       // LAMB: 0 none, 1 first, 2 both; LARS: 0/1
+  int32_t classic;        // LARS mode "classic"
+  int32_t bias_correction;
+  int32_t adapt;
+  int32_t trust_clip;     // ratio <= 1 (LAMB trust_clip, LARS paper clip)
+  int32_t lr_clip;        // LARS classic clip: min(ratio / lr, 1), or 1 when lr == 0
+  int32_t has_phi;
+  double lr, beta1, beta2, eps, weight_decay, grad_scale;
+  double coefficient;     // trust coefficient
+  double ratio_eps;       // added to the ratio's denominator
+  double ratio_wd;        // times ||x||, added to the ratio's denominator (LARS classic)
+  double phi_lo, phi_hi;
+};
+
+}  // extern "C"
+
+namespace {
+
+template <typename T>
+struct Sums {
+  double w = 0.0, d = 0.0;
+};
+
+// The per-tensor ratio, as largebatch.optim._common.trust_ratio computes it (in T).
+template <typename T>
+T ratio_of(const StepArgs& a, T w, T d) {
+  if (!a.adapt) return T(1);
+  T extra = T(a.ratio_wd) * w + T(a.ratio_eps);
+  if (a.ratio_wd == 0.0) extra = T(a.ratio_eps);
+  T denom = d + extra;
+  T phw = a.has_phi ? std::min(std::max(w, T(a.phi_lo)), T(a.phi_hi)) : w;
+  T r = T(a.coefficient) * phw / (denom > T(0) ? denom : T(1));
+  if (!(w > T(0) && d > T(0))) r = T(1);
+  if (a.trust_clip) r = std::min(r, T(1));
+  if (a.lr_clip) r = a.lr > 0.0 ? std::min(r / T(a.lr), T(1)) : T(1);
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------
+// LAMB. Per-tensor coefficients (from the step count t, after its increment):
+//   m_hat = m * am + g * ag      am = 1/bc1(t), ag = 0; Nesterov: am = beta1/bc1(t+1), ag = (1-beta1)/bc1(t)
+//   v_hat = v * bv + g^2 * bg    bv = 1/bc2(t), bg = 0; "both":   bv = beta2/bc2(t+1), bg = (1-beta2)/bc2(t)
+template <typename T>
+struct LambCoef {
+  T am, ag, bv, bg;
+};
+
+template <typename T>
+T bias_correction(const StepArgs& a, double beta, T k) {
+  if (!a.bias_correction || !(k > T(0))) return T(1);
+  return T(1) - std::pow(T(beta), k);
+}
+
+template <typename T, int G, int NEST>
+struct Lamb {
+  const StepArgs& a;
+  const std::vector<LambCoef<T>>& coef;
+  T b1, c1, b2, c2, eps, wd, gs;
+  bool eps0;  // eps == 0: the direction is 0 where sqrt(v_hat) + eps is 0 (not 0/0)
+
+  Lamb(const StepArgs& args, const std::vector<LambCoef<T>>& c)
+      : a(args), coef(c), b1(T(args.beta1)), c1(T(1.0 - args.beta1)), b2(T(args.beta2)),
+        c2(T(1.0 - args.beta2)), eps(T(args.eps)), wd(T(args.weight_decay)), gs(T(args.grad_scale)),
+        eps0(args.eps == 0.0) {}
+
+  static inline T direction(T m, T v, T g, T x, const LambCoef<T>& k, T eps, T wd, bool eps0) {
+    T mh = m * k.am;
+    if (NEST >= 1) mh = mh + g * k.ag;
+    T vh = v * k.bv;
+    if (NEST == 2) vh = vh + (g * g) * k.bg;
+    T den = std::sqrt(vh) + eps;
+    T u = mh / den;
+    u = (eps0 && !(den > T(0))) ? T(0) : u;
+    return u + x * wd;
+  }
+
+  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+    T* __restrict x = static_cast<T*>(a.x[i]);
+    const void* g = a.g[i];
+    T* __restrict m = static_cast<T*>(a.s1[i]);
+    T* __restrict v = static_cast<T*>(a.s2[i]);
+    const LambCoef<T> k = coef[i];
+    const T b1 = this->b1, c1 = this->c1, b2 = this->b2, c2 = this->c2, eps = this->eps, wd = this->wd, gs = this->gs;
+    const bool eps0 = this->eps0;
+    for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
+      const int64_t j1 = std::min(hi, j0 + kBlock);
+      T sw = 0, su = 0;
+#pragma omp simd reduction(+ : sw, su)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T gj = GradLoad<T, G>::at(g, j) * gs;
+        const T mj = std::fma(gj, c1, m[j] * b1);  // ATen's add(alpha=) is a fused multiply-add
+        const T vj = v[j] * b2 + (c2 * gj) * gj;
+        m[j] = mj;
+        v[j] = vj;
+        const T xj = x[j];
+        const T u = direction(mj, vj, gj, xj, k, eps, wd, eps0);
+        sw += xj * xj;
+        su += u * u;
+      }
+      s.w += double(sw);
+      s.d += double(su);
+    }
+  }
+
+  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio) const {
+    T* __restrict x = static_cast<T*>(a.x[i]);
+    const void* g = a.g[i];
+    const T* __restrict m = static_cast<const T*>(a.s1[i]);
+    const T* __restrict v = static_cast<const T*>(a.s2[i]);
+    const LambCoef<T> k = coef[i];
+    const T eps = this->eps, wd = this->wd, gs = this->gs;
+    const bool eps0 = this->eps0;
+    const T scale = T(-a.lr) * ratio;
+    for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
+      const int64_t j0 = std::max(lo, j1 - kBlock);
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) {
+        const T gj = NEST >= 1 ? GradLoad<T, G>::at(g, j) * gs : T(0);
+        const T xj = x[j];
+        x[j] = xj + direction(m[j], v[j], gj, xj, k, eps, wd, eps0) * scale;
+      }
+    }
+  }
+
+  T ratio(int64_t, T w, T d) const { return ratio_of<T>(a, w, d); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// LARS, "paper" mode: d = g + wd x; b = mom b + (1 - mom) d; n = b or mom b + (1 - mom) d.
+template <typename T, int G, bool NEST>
+struct LarsPaper {
+  const StepArgs& a;
+  T mom, c, wd, gs;
+
+  explicit LarsPaper(const StepArgs& args)
+      : a(args), mom(T(args.beta1)), c(T(1.0 - args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
+
+  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+    const T* __restrict x = static_cast<const T*>(a.x[i]);
+    const void* g = a.g[i];
+    T* __restrict b = static_cast<T*>(a.s1[i]);
+    const T mom = this->mom, c = this->c, wd = this->wd, gs = this->gs;
+    for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
+      const int64_t j1 = std::min(hi, j0 + kBlock);
+      T sw = 0, sd = 0;
+#pragma omp simd reduction(+ : sw, sd)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T xj = x[j];
+        const T dj = std::fma(xj, wd, GradLoad<T, G>::at(g, j) * gs);
+        const T bj = b[j] * mom + dj * c;
+        b[j] = bj;
+        const T nj = NEST ? bj * mom + dj * c : bj;
+        sw += xj * xj;
+        sd += nj * nj;
+      }
+      s.w += double(sw);
+      s.d += double(sd);
+    }
+  }
+
+  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio) const {
+    T* __restrict x = static_cast<T*>(a.x[i]);
+    const void* g = a.g[i];
+    const T* __restrict b = static_cast<const T*>(a.s1[i]);
+    const T mom = this->mom, c = this->c, wd = this->wd, gs = this->gs;
+    const T scale = T(-a.lr) * ratio;
+    for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
+      const int64_t j0 = std::max(lo, j1 - kBlock);
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) {
+        const T xj = x[j];
+        T nj = b[j];
+        if (NEST) nj = nj * mom + std::fma(xj, wd, GradLoad<T, G>::at(g, j) * gs) * c;
+        x[j] = xj + nj * scale;
+      }
+    }
+  }
+
+  T ratio(int64_t, T w, T d) const { return ratio_of<T>(a, w, d); }
+};
+
+// LARS, "classic" mode: the ratio uses ||g||; d = (g + wd x) ratio; b = mom b + d; x -= lr (b or d + mom b).
+template <typename T, int G, bool NEST>
+struct LarsClassic {
+  const StepArgs& a;
+  T mom, wd, gs;
+
+  explicit LarsClassic(const StepArgs& args)
+      : a(args), mom(T(args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
+
+  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+    const T* __restrict x = static_cast<const T*>(a.x[i]);
+    const void* g = a.g[i];
+    const T gs = this->gs;
+    for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
+      const int64_t j1 = std::min(hi, j0 + kBlock);
+      T sw = 0, sg = 0;
+#pragma omp simd reduction(+ : sw, sg)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T xj = x[j];
+        const T gj = GradLoad<T, G>::at(g, j) * gs;
+        sw += xj * xj;
+        sg += gj * gj;
+      }
+      s.w += double(sw);
+      s.d += double(sg);
+    }
+  }
+
+  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio) const {
+    T* __restrict x = static_cast<T*>(a.x[i]);
+    const void* g = a.g[i];
+    T* __restrict b = static_cast<T*>(a.s1[i]);
+    const T mom = this->mom, wd = this->wd, gs = this->gs;
+    const T scale = T(-a.lr);
+    for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
+      const int64_t j0 = std::max(lo, j1 - kBlock);
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) {
+        const T xj = x[j];
+        const T dj = std::fma(xj, wd, GradLoad<T, G>::at(g, j) * gs) * ratio;
+        const T bj = b[j] * mom + dj;
+        b[j] = bj;
+        const T nj = NEST ? dj + bj * mom : bj;
+        x[j] = xj + nj * scale;
+      }
+    }
+  }
+
+  T ratio(int64_t, T w, T d) const { return ratio_of<T>(a, w, d); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// The driver: splits the work over threads and runs the stage's passes.
+inline void split_range(int64_t numel, int tid, int nt, int64_t& lo, int64_t& hi) {
+  const int64_t units = (numel + kAlign - 1) / kAlign;
+  lo = std::min(numel, (units * tid / nt) * kAlign);
+  hi = std::min(numel, (units * (tid + 1) / nt) * kAlign);
+}
+
+template <typename T, typename K>
+void drive(const StepArgs& a, const K& k) {
+  const int64_t n = a.n;
+  T* w_out = static_cast<T*>(a.w_norm);
+  T* d_out = static_cast<T*>(a.d_norm);
+  T* r_io = static_cast<T*>(a.ratio);
+  const int want = std::max(1, a.num_threads);
+  std::vector<Sums<T>> part;  // [tensor][thread]
+  std::vector<int64_t> big;
+  std::vector<std::vector<int64_t>> small;
+  int team = 1;
+
+  auto finish = [&](int64_t i, const Sums<T>& s) -> T {
+    const T w = T(std::sqrt(s.w));
+    const T d = T(std::sqrt(s.d));
+    const T r = k.ratio(i, w, d);
+    w_out[i] = w;
+    d_out[i] = d;
+    r_io[i] = r;
+    return r;
+  };
+
+#pragma omp parallel num_threads(want)
+  {
+    const int tid = omp_get_thread_num();
+#pragma omp single
+    {
+      team = omp_get_num_threads();
+      part.assign(static_cast<size_t>(n) * team, Sums<T>());
+      small.assign(team, {});
+      std::vector<int64_t> load(team, 0);
+      for (int64_t i = 0; i < n; ++i) {
+        if (a.numel[i] >= kSplitMin && team > 1) {
+          big.push_back(i);
+        } else {
+          const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+          small[t].push_back(i);
+          load[t] += a.numel[i] + 64;
+        }
+      }
+    }  // implicit barrier: the plan is visible to every thread
+
+    for (const int64_t i : big) {
+      int64_t lo, hi;
+      split_range(a.numel[i], tid, team, lo, hi);
+      if (a.stage == 2) {
+        k.pass2(i, lo, hi, r_io[i]);
+        continue;
+      }
+      Sums<T>& mine = part[static_cast<size_t>(i) * team + tid];
+      k.pass1(i, lo, hi, mine);
+      if (a.stage == 1) continue;
+#pragma omp barrier
+      Sums<T> total;
+      for (int t = 0; t < team; ++t) {
+        total.w += part[static_cast<size_t>(i) * team + t].w;
+        total.d += part[static_cast<size_t>(i) * team + t].d;
+      }
+      T r;
+      if (tid == 0) {
+        r = finish(i, total);
+      } else {
+        r = k.ratio(i, T(std::sqrt(total.w)), T(std::sqrt(total.d)));
+      }
+      k.pass2(i, lo, hi, r);
+    }
+    for (const int64_t i : small[tid]) {
+      if (a.stage == 2) {
+        k.pass2(i, 0, a.numel[i], r_io[i]);
+        continue;
+      }
+      Sums<T>& mine = part[static_cast<size_t>(i) * team];
+      k.pass1(i, 0, a.numel[i], mine);
+      if (a.stage == 0) k.pass2(i, 0, a.numel[i], finish(i, mine));
+    }
+  }
+
+  if (a.stage == 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      Sums<T> total;
+      for (int t = 0; t < team; ++t) {
+        total.w += part[static_cast<size_t>(i) * team + t].w;
+        total.d += part[static_cast<size_t>(i) * team + t].d;
+      }
+      a.sq[i] = total.w;
+      a.sq[n + i] = total.d;
+    }
+  }
+}
+
+template <typename T, int G>
+void lamb_typed(const StepArgs& a) {
+  std::vector<LambCoef<T>> coef(a.n);
+  for (int64_t i = 0; i < a.n; ++i) {
+    if (a.stage != 2) *a.step[i] += 1.0f;
+    const T t = T(*a.step[i]);
+    const T bc1 = bias_correction<T>(a, a.beta1, t);
+    const T bc2 = bias_correction<T>(a, a.beta2, t);
+    LambCoef<T>& k = coef[i];
+    k.am = T(1) / bc1;
+    k.ag = T(0);
+    k.bv = T(1) / bc2;
+    k.bg = T(0);
+    if (a.nesterov >= 1) {
+      k.am = T(a.beta1) / bias_correction<T>(a, a.beta1, t + T(1));
+      k.ag = T(1.0 - a.beta1) / bc1;
+    }
+    if (a.nesterov == 2) {
+      k.bv = T(a.beta2) / bias_correction<T>(a, a.beta2, t + T(1));
+      k.bg = T(1.0 - a.beta2) / bc2;
+    }
+  }
+  switch (a.nesterov) {
+    case 0: drive<T>(a, Lamb<T, G, 0>(a, coef)); break;
+    case 1: drive<T>(a, Lamb<T, G, 1>(a, coef)); break;
+    default: drive<T>(a, Lamb<T, G, 2>(a, coef)); break;
+  }
+}
+
+template <typename T, int G>
+void lars_typed(const StepArgs& a) {
+  switch (a.classic * 2 + (a.nesterov ? 1 : 0)) {
+    case 0: drive<T>(a, LarsPaper<T, G, false>(a)); break;
+    case 1: drive<T>(a, LarsPaper<T, G, true>(a)); break;
+    case 2: drive<T>(a, LarsClassic<T, G, false>(a)); break;
+    default: drive<T>(a, LarsClassic<T, G, true>(a)); break;
+  }
+}
+
+}  // namespace
+
+#ifndef LB_SCALAR
+#define LB_SCALAR float
+#endif
+#ifndef LB_GRAD
+#define LB_GRAD 0
+#endif
+#if !defined(LB_LAMB) && !defined(LB_LARS)
+#define LB_LAMB 1
+#endif
+
+extern "C" {
+
+// One build holds one optimizer for one (parameter, gradient) dtype pair, chosen with -D flags:
+// -DLB_LAMB or -DLB_LARS, -DLB_SCALAR=float|double, -DLB_GRAD=0 (same as the parameter)|1 (bf16)|2 (f16).
+int lb_step(const StepArgs* a) {
+  if (a->grad_type != LB_GRAD) return 1;
+#ifdef LB_LAMB
+  lamb_typed<LB_SCALAR, LB_GRAD>(*a);
+#else
+  lars_typed<LB_SCALAR, LB_GRAD>(*a);
+#endif
+  return 0;
+}
+
+int lb_abi_version(void) { return 2; }
+
+int lb_scalar_bytes(void) { return static_cast<int>(sizeof(LB_SCALAR)); }
+
+}  // extern "C"
