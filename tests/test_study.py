@@ -1,0 +1,265 @@
+"""Sweeps into SQLite (resume, failures, divergence, workers), reports, and the synthetic study."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import pytest
+import torch
+
+from largebatch.cli import main
+from largebatch.study.grids import PAPER_MNIST_LRS, PAPER_TUNING_LRS, resolve_grid
+from largebatch.study.report import load_study, write_report
+from largebatch.study.store import ResultStore, run_key
+from largebatch.study.sweep import SweepSpec, run_dir, run_sweep
+from largebatch.study.synthetic import LayeredQuadratic, run_synthetic
+
+TINY = """
+name = "tiny"
+task = "mnist-lenet"
+task_options = { train_subset = 512, eval_subset = 256 }
+epochs = 1
+base_batch = 32
+batch_sizes = [32, 128]
+evals = 2
+log_points = 8
+
+[train]
+lr_rule = "sqrt"
+warmup_rule = "linear"
+warmup_epochs = 0.05
+
+[noise]
+labels = ["lamb"]
+batch_sizes = [32]
+b_small = 16
+b_big = 64
+batches = 2
+
+[[optimizers]]
+name = "lamb"
+lr = 0.01
+lrs = [0.001, 0.01]
+
+[[optimizers]]
+name = "adamw"
+lrs = [0.001, 0.01]
+weight_decay = 0.01
+
+[[optimizers]]
+name = "momentum"
+label = "momentum-lr1e4"
+lr = 1e4
+batch_sizes = [32]
+
+[[optimizers]]
+name = "lamb"
+label = "lamb-invalid"
+lr = 0.01
+options = { no_such_option = 1 }
+batch_sizes = [32]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny sweep, run once through the CLI: (config path, db path, first and second outputs)."""
+    root = tmp_path_factory.mktemp("sweep")
+    config = root / "tiny.toml"
+    config.write_text(TINY)
+    db = root / "tiny.sqlite"
+    assert main(["sweep", str(config), "--db", str(db), "--no-progress"]) == 0
+    with ResultStore(db) as store:
+        first = {r.key: (r.attempts, r.finished_at, r.status) for r in store.runs()}
+    return config, db, first
+
+
+def _runs(db, sweep="tiny"):
+    with ResultStore(db) as store:
+        return store.runs(sweep)
+
+
+def test_grids():
+    assert resolve_grid("paper-mnist") == PAPER_MNIST_LRS == (1e-4, 1e-3, 1e-2, 1e-1)
+    assert len(PAPER_TUNING_LRS) == 34 and PAPER_TUNING_LRS[0] == 1e-4 and PAPER_TUNING_LRS[-1] == 50
+    assert resolve_grid([1, 2.5]) == (1.0, 2.5)
+    with pytest.raises(ValueError, match="unknown lrs preset 'nope'; known presets: paper-mnist"):
+        resolve_grid("nope", "lrs")
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        resolve_grid([-1.0])
+
+
+def test_spec_expansion_and_validation(tmp_path):
+    spec = SweepSpec.from_dict({"name": "s", "task": "mnist-lenet", "batch_sizes": [32, 128], "base_batch": 32,
+                                "optimizers": [{"name": "lamb", "lr": 0.01, "lrs": [0.01, 0.1]}]})  # fmt: skip
+    runs = spec.expand()
+    # the untuned run equals the grid point 0.01, so it is one run with both tags
+    assert [(r.spec["config"]["batch_size"], r.spec["config"]["base_lr"], r.tags) for r in runs] == [
+        (32, 0.01, ("grid", "untuned")), (32, 0.1, ("grid",)), (128, 0.01, ("grid", "untuned")), (128, 0.1, ("grid",))]
+    assert len({r.key for r in runs}) == 4
+    # keys do not depend on execution-only options
+    again = SweepSpec.from_dict({**spec.raw, "train": {"log_every": 3, "eval_batch_size": 17}}).expand()
+    assert [r.key for r in again] == [r.key for r in runs]
+    # "peak" grids use the value as the LR at every batch size
+    peak = SweepSpec.from_dict({**spec.raw, "optimizers": [{"name": "adam", "lrs": [0.01], "grid": "peak"}]}).expand()
+    assert [r.spec["config"]["lr"] for r in peak] == [0.01, 0.01]
+    with pytest.raises(ValueError, match="unknown key.*lrz"):
+        SweepSpec.from_dict({**spec.raw, "optimizers": [{"name": "lamb", "lrz": [1]}]})
+    with pytest.raises(ValueError, match="unknown training option.*bogus"):
+        SweepSpec.from_dict({**spec.raw, "train": {"bogus": 1}})
+    with pytest.raises(ValueError, match="labels must be unique"):
+        SweepSpec.from_dict({**spec.raw, "optimizers": [{"name": "lamb", "lr": 1}, {"name": "lamb", "lr": 2}]})
+    assert run_key({"a": 1, "b": [1, 2]}) == run_key({"b": [1, 2], "a": 1})
+
+
+def test_sweep_records_runs(tiny):
+    _, db, _ = tiny
+    runs = {(r.label, r.batch_size, r.spec["config"]["base_lr"]): r for r in _runs(db)}
+    assert len({r.key for r in runs.values()}) == 10
+    statuses = sorted(r.status for r in {r.key: r for r in runs.values()}.values())
+    assert statuses == ["diverged", "failed"] + ["finished"] * 8
+
+    lamb = runs[("lamb", 128, 0.01)]
+    assert lamb.lr == pytest.approx(0.02)  # sqrt rule: 0.01 * sqrt(128 / 32)
+    assert lamb.steps == lamb.total_steps == 4  # 512 examples, one epoch
+    assert 0.0 <= lamb.final["accuracy"] <= 1.0 and lamb.metric == "accuracy"
+    assert lamb.wall_time > 0 and lamb.seed == 0 and lamb.spec["config"]["task_options"]["train_subset"] == 512
+    assert lamb.code_version["package"] == "0.1.0" and lamb.package_version == "0.1.0"
+    assert lamb.environment["torch"] == torch.__version__ and lamb.environment["cpu_count"] >= 1
+    evals = [h for h in lamb.history if h["split"] == "eval"]
+    assert [h["step"] for h in evals] == [2, 4]  # evals = 2 per run, the last one being the final evaluation
+    # per-layer trust ratios are recorded for LAMB, not for AdamW
+    trains = [h for h in lamb.history if h["split"] == "train"]
+    assert trains and set(trains[-1]["trust_ratio"]) >= {"conv1.weight", "fc3.weight"}
+    assert all("trust_ratio" not in h for h in runs[("adamw", 128, 0.01)].history)
+    # the gradient noise scale is measured at the eval points of the untuned LAMB run at B0 only
+    probed = [h for h in runs[("lamb", 32, 0.01)].history if "noise_b_simple" in h]
+    assert len(probed) == 2 and all(h["noise_trace"] > 0 for h in probed)
+    assert all("noise_b_simple" not in h for h in runs[("lamb", 32, 0.001)].history)
+
+    failed = runs[("lamb-invalid", 32, 0.01)]
+    assert failed.status == "failed" and "no_such_option" in failed.error and "Traceback" in failed.error
+    diverged = runs[("momentum-lr1e4", 32, 1e4)]
+    assert diverged.status == "diverged"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT COUNT(*) FROM invocations").fetchone()[0] >= 1
+
+
+def test_second_invocation_skips_finished_runs(tiny):
+    config, db, first = tiny
+    summary = run_sweep(SweepSpec.from_toml(config), db, progress=False)
+    assert summary.executed == 0 and summary.skipped == summary.planned == 10
+    with ResultStore(db) as store:
+        again = {r.key: (r.attempts, r.finished_at, r.status) for r in store.runs()}
+        assert again == first  # nothing re-ran: same attempts and finish times
+        assert len(store.invocations("tiny")) >= 2
+
+
+def test_report_structure_and_plots(tiny, tmp_path):
+    _, db, _ = tiny
+    out = tmp_path / "report"
+    assert main(["report", str(db), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    header = "| optimizer | B=32 (B0) | B=128 (4xB0) |"
+    assert text.count(header) == 2  # untuned and tuned tables
+    for needle in ("**Untuned**", "**Tuned**", "hardware:", "torch " + torch.__version__, "commands:", "largebatch sweep",
+                   "Gradient noise scale", "B_simple", "scaling efficiency", "| lamb-invalid | failed", "diverged",
+                   "no_such_option"):  # fmt: skip
+        assert needle in text, needle
+    for png in ("accuracy_vs_batch", "loss_curves", "lr_sensitivity", "trust_ratios", "noise_scale"):
+        assert (out / f"{png}.png").stat().st_size > 1000, png
+        assert f"({png}.png)" in text
+
+    # the tuned cell is the best of the grid at that batch; the untuned one is the recipe's run
+    study = load_study(db, "tiny")
+    for b in (32, 128):
+        grid = [r for r in study.runs if r.label == "adamw" and r.batch_size == b]
+        assert study.cell("adamw", b, "tuned").value == max(r.final["accuracy"] for r in grid)
+        untuned = study.cell("lamb", b, "untuned")
+        assert untuned.run.spec["config"]["base_lr"] == 0.01 and "untuned" in untuned.tags
+        row = f"| lamb | {study.cell('lamb', 32, 'untuned').value:.4f} (lr 0.01) | {untuned.value if b == 128 else study.cell('lamb', 128, 'untuned').value:.4f} (lr 0.02) |"
+    assert row in text
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    from largebatch.train.loop import TrainConfig, fit
+
+    spec = SweepSpec.from_dict({"name": "resume", "task": "mnist-lenet", "task_options": {"train_subset": 256, "eval_subset": 128},
+                                "batch_sizes": [32], "evals": 2, "optimizers": [{"name": "lamb", "lr": 0.01}]})  # fmt: skip
+    reference = run_sweep(spec, tmp_path / "ref.sqlite", progress=False)
+    assert reference.statuses == {"finished": 1}
+    (ref,) = _runs(tmp_path / "ref.sqlite", "resume")
+
+    # a "killed" run: registered, marked running, stopped after 3 of its 8 steps with a checkpoint
+    db = tmp_path / "killed.sqlite"
+    (planned,) = spec.expand()
+    out = run_dir(tmp_path / "killed-runs", planned)
+    with ResultStore(db) as store:
+        store.register("resume", planned.key, planned.label, planned.tags, planned.spec)
+        store.mark_running(planned.key, out)
+    cfg = TrainConfig.from_dict({**planned.spec["config"], "out_dir": out, "max_steps": 3, "progress": False,
+                                 "eval_every": 4, "checkpoint_every": 4, "log_every": 1})  # fmt: skip
+    assert fit(cfg).status == "stopped"
+    (tmp_path / out / "result.json").unlink(missing_ok=True)
+
+    summary = run_sweep(spec, db, progress=False)
+    assert summary.executed == 1
+    (run,) = _runs(db, "resume")
+    assert run.status == "finished" and run.resumed_from == 3 and run.attempts == 2  # the killed attempt and this one
+    assert run.final["accuracy"] == ref.final["accuracy"]
+    assert run.final["loss"] == pytest.approx(ref.final["loss"], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_parallel_workers(tmp_path):
+    spec = SweepSpec.from_dict({"name": "par", "task": "mnist-lenet", "task_options": {"train_subset": 128, "eval_subset": 64},
+                                "batch_sizes": [32, 64], "evals": 1, "optimizers": [{"name": "adamw", "lr": 1e-3}]})  # fmt: skip
+    summary = run_sweep(spec, tmp_path / "par.sqlite", workers=2, threads=1, progress=False)
+    assert summary.executed == 2 and summary.statuses == {"finished": 2}
+    assert all(r.environment["torch_threads"] == 1 for r in _runs(tmp_path / "par.sqlite", "par"))
+
+
+def test_synthetic_layerwise_beats_sgd():
+    problem = LayeredQuadratic()
+    res = run_synthetic(problem, steps=200, optimizers={
+        "momentum (SGD)": ("momentum", (0.5, 1.0, 2.0, 3.0), {"lr_unit": "1/L_max"}),
+        "lars": ("lars", (0.01, 0.03), {}),
+        "lamb": ("lamb", (0.01, 0.03), {}),
+    })  # fmt: skip
+    sgd = res.best["momentum (SGD)"].final_loss
+    assert res.best["lars"].final_loss < 1e-2 * sgd
+    assert res.best["lamb"].final_loss < 1e-2 * sgd
+    # SGD cannot move the flattest layer (L = 1e-3) at a stable step; LARS can
+    assert res.best["momentum (SGD)"].block_loss[0][0] > 0.5 and res.best["lars"].block_loss[0][0] < 1e-2
+    # LARS's trust ratios order the layers by curvature: flat layers get the large per-layer LR
+    ratios = res.best["lars"].trust_ratio[len(res.best["lars"].trust_ratio) // 2]
+    assert ratios[0] > 100 * ratios[-1]
+    assert all(math.isfinite(x) for x in res.best["lamb"].loss)
+
+
+def test_report_synthetic_only(tmp_path):
+    from largebatch.study.report import synthetic_section
+
+    text = synthetic_section(tmp_path, steps=40)
+    assert "L_max = 100" in text and "| lamb |" in text and (tmp_path / "synthetic.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="nothing to report"):
+        write_report(tmp_path / "x")
+    assert main(["report", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_store_roundtrip(tmp_path):
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        spec = {"config": {"task": "t", "optimizer": "lamb", "batch_size": 8, "seed": 1}}
+        store.register("a", "k1", "lamb", ["grid"], spec)
+        store.register("a", "k1", "lamb", ["untuned"], spec)  # tags merge
+        store.register("b", "k1", "LAMB", ["grid"], spec)  # one run in two sweeps
+        store.mark_running("k1", "/tmp/x")
+        store.record("k1", {"status": "finished", "final": {"accuracy": 0.5, "loss": math.nan}, "history": [{"step": 1}],
+                            "steps": 1, "metric": "accuracy"})  # fmt: skip
+        (a,) = store.runs("a")
+        assert a.tags == ("grid", "untuned") and a.final == {"accuracy": 0.5, "loss": None} and a.attempts == 1
+        assert [r.label for r in store.runs("b")] == ["LAMB"] and len(store.runs()) == 1
+        assert json.loads(json.dumps(a.history)) == [{"step": 1}]
