@@ -43,7 +43,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fused_available", "fused_lamb", "fused_lars", "cpu_kernel_info", "load_cpu_kernel"]
+__all__ = ["fused_available", "fused_lamb", "fused_lars", "fused_all_finite", "cpu_kernel_info", "load_cpu_kernel"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "layerwise_step.cpp"
 _CXXFLAGS = [
@@ -222,6 +222,8 @@ def _build_and_load(key: tuple, cache: Path) -> tuple[ctypes.CDLL | None, dict]:
             raise RuntimeError(f"{path} does not match this version of largebatch")
         lib.lb_step.argtypes = [ctypes.POINTER(_StepArgs)]
         lib.lb_step.restype = ctypes.c_int
+        lib.lb_all_finite.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+        lib.lb_all_finite.restype = ctypes.c_int
         info["load_s"] = time.perf_counter() - t0
         return lib, info
     except Exception as err:  # noqa: BLE001 - any failure means: no CPU kernel, use the fallback
@@ -243,6 +245,37 @@ def fused_available(tensors: list[Tensor]) -> bool:
     if first.device.type != "cpu" or torch.compiler.is_compiling():
         return True  # the torch-function backend
     return _cpu_kernel_possible() and all(t.is_contiguous() for t in tensors)
+
+
+def _use_torch_backend(params: list[Tensor]) -> bool:
+    """The torch-function backend for every device but the CPU, and for the CPU under torch.compile."""
+    return params[0].device.type != "cpu" or torch.compiler.is_compiling()
+
+
+_FINITE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def fused_all_finite(tensors: list[Tensor]) -> Tensor | None:
+    """0-d bool tensor: every element of every tensor is finite, checked in one pass at memory speed.
+
+    For contiguous CPU tensors of float32/float64/bfloat16/float16 (the compiled kernel tests the
+    exponent bits, two threads per pass); None where it does not apply (another device, layout or
+    dtype, under torch.compile, no kernel), so that the caller uses its own check.
+    """
+    if not tensors or torch.compiler.is_compiling() or not _cpu_kernel_possible():
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _FINITE_CODES or not t.is_contiguous():
+            return None
+    lib = next((k for k in _kernels.values() if k is not None), None) or load_cpu_kernel("lamb", torch.float32)
+    if lib is None:
+        return None
+    n = len(tensors)
+    ok = lib.lb_all_finite(
+        n, _pointers(tensors), (ctypes.c_int64 * n)(*[t.numel() for t in tensors]),
+        (ctypes.c_int32 * n)(*[_FINITE_CODES[t.dtype] for t in tensors]), torch.get_num_threads(),
+    )  # fmt: skip
+    return torch.tensor(bool(ok))
 
 
 def _empty_result(n: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -296,7 +329,7 @@ def fused_lamb(
     )  # fmt: skip
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
-    if params[0].device.type != "cpu" or torch.compiler.is_compiling():
+    if _use_torch_backend(params):
         return _torch_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, **kw)
     lib, gcode = _cpu_kernel_for("lamb", params, grads, [exp_avgs, exp_avg_sqs])
     if lib is None or any(s.dtype != torch.float32 or s.numel() != 1 or s.device.type != "cpu" for s in steps):
@@ -362,7 +395,7 @@ def fused_lars(
     )  # fmt: skip
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
-    if params[0].device.type != "cpu" or torch.compiler.is_compiling():
+    if _use_torch_backend(params):
         return _torch_lars(params, grads, momentum_buffers, **kw)
     lib, gcode = _cpu_kernel_for("lars", params, grads, [momentum_buffers])
     if lib is None:
@@ -497,11 +530,12 @@ _PASSES = {
     for f in (_lamb_pass1, _lamb_pass2, _lars_paper_pass1, _lars_paper_pass2, _lars_classic_pass1, _lars_classic_pass2)
 }
 _compiled_passes: dict[str, object] = {}
+_COMPILE_ON_CPU = False  # compile the passes for CPU tensors too (tests use this to check the compiled form)
 
 
 def _pass(name: str, device: torch.device):
     """The pass as called on ``device``: compiled on accelerators, plain (traceable) elsewhere."""
-    if device.type in ("cpu", "meta") or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or device.type == "meta" or (device.type == "cpu" and not _COMPILE_ON_CPU):
         return _PASSES[name]
     fn = _compiled_passes.get(name)
     if fn is None:
@@ -548,7 +582,10 @@ def _torch_lamb(
     bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     dt, device = params[0].dtype, params[0].device
-    torch._foreach_add_(steps, 1 if ok is None else ok.to(steps[0].dtype))
+    if ok is None:
+        torch._foreach_add_(steps, 1)
+    else:  # a list of 0-d tensors: never read on the host
+        torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))
     coef = _lamb_coefficients(steps, dt, beta1, beta2, bias_correction, nesterov)
     gs = None if grad_scale is None else grad_scale.to(dt)
     nest = {None: 0, "first": 1, "both": 2}[nesterov]

@@ -8,6 +8,9 @@
 // of a tensor run back to back, so the second one reads from cache whatever still fits there; it
 // walks its range backwards to start with the data that pass 1 touched last.
 //
+// Tensors are processed last to first: a step usually follows a pass over the gradients in list
+// order (a finiteness check, a global norm), whose last tensors are then still in cache.
+//
 // Threads: a tensor with at least kSplitMin elements is cut into one contiguous range per thread
 // (one barrier between its two passes); smaller tensors go whole to one thread each, balanced by
 // size. Partial sums are combined in a fixed order, so a result depends only on the thread count.
@@ -346,7 +349,7 @@ void drive(const StepArgs& a, const K& k) {
       part.assign(static_cast<size_t>(n) * team, Sums<T>());
       small.assign(team, {});
       std::vector<int64_t> load(team, 0);
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = n - 1; i >= 0; --i) {
         if (a.numel[i] >= kSplitMin && team > 1) {
           big.push_back(i);
         } else {
@@ -446,6 +449,30 @@ void lars_typed(const StepArgs& a) {
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------------------
+// Finiteness of many tensors: no element of any has an all-ones exponent (inf or nan).
+template <typename U, U kMask>
+bool any_nonfinite(const void* data, int64_t lo, int64_t hi) {
+  const U* __restrict p = static_cast<const U*>(data);
+  for (int64_t j0 = lo; j0 < hi; j0 += 16 * kBlock) {
+    const int64_t j1 = std::min(hi, j0 + 16 * kBlock);
+    unsigned bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (int64_t j = j0; j < j1; ++j) bad |= static_cast<unsigned>((p[j] & kMask) == kMask);
+    if (bad) return true;
+  }
+  return false;
+}
+
+bool any_nonfinite_typed(int32_t type, const void* data, int64_t lo, int64_t hi) {
+  switch (type) {
+    case 0: return any_nonfinite<uint32_t, 0x7f800000u>(data, lo, hi);            // float32
+    case 1: return any_nonfinite<uint64_t, 0x7ff0000000000000ull>(data, lo, hi);  // float64
+    case 2: return any_nonfinite<uint16_t, 0x7f80u>(data, lo, hi);                // bfloat16
+    default: return any_nonfinite<uint16_t, 0x7c00u>(data, lo, hi);               // float16
+  }
+}
+
 #ifndef LB_SCALAR
 #define LB_SCALAR float
 #endif
@@ -457,6 +484,26 @@ void lars_typed(const StepArgs& a) {
 #endif
 
 extern "C" {
+
+// Returns 1 when every element of the n tensors (type codes: 0 float32, 1 float64, 2 bfloat16,
+// 3 float16) is finite. The elements of all tensors, end to end, are split evenly over the threads.
+int lb_all_finite(int64_t n, const void* const* data, const int64_t* numel, const int32_t* type, int32_t num_threads) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += numel[i];
+  int bad = 0;
+#pragma omp parallel num_threads(std::max(1, num_threads)) reduction(| : bad)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    int64_t lo, hi;
+    split_range(total, tid, team, lo, hi);
+    int64_t start = 0;
+    for (int64_t i = 0; i < n && start < hi && !bad; start += numel[i], ++i) {
+      const int64_t a = std::max(lo, start) - start, b = std::min(hi, start + numel[i]) - start;
+      if (a < b && any_nonfinite_typed(type[i], data[i], a, b)) bad = 1;
+    }
+  }
+  return bad ? 0 : 1;
+}
 
 // One build holds one optimizer for one (parameter, gradient) dtype pair, chosen with -D flags:
 // -DLB_LAMB or -DLB_LARS, -DLB_SCALAR=float|double, -DLB_GRAD=0 (same as the parameter)|1 (bf16)|2 (f16).

@@ -1,0 +1,333 @@
+"""The fused LAMB/LARS steps against the single-tensor reference, on params AND every state entry.
+
+Both fused backends are checked on CPU: the compiled C++ kernel (what CPU tensors use) and the
+torch-function backend (what GPUs use; here forced onto CPU tensors, eagerly and compiled).
+Vectorised sums are reordered, so float32 is compared with rtol 1e-5 and float64 with rtol 1e-12.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import clone_params, set_grads
+
+from largebatch import Lamb, Lars
+from largebatch.optim import _fused
+
+F32, F64 = torch.float32, torch.float64
+TOL = {F32: dict(rtol=1e-5, atol=1e-6), F64: dict(rtol=1e-12, atol=1e-14)}
+
+needs_kernel = pytest.mark.skipif(
+    _fused.load_cpu_kernel("lamb", F32) is None, reason="no C++ compiler: the fused CPU kernel cannot be built"
+)
+
+
+def shapes():
+    # 0-d, 1-d, a zero tensor (ratio 1), small n-d, and tensors large enough to be split over threads
+    return [(6, 5), (5,), (), (3, 2), (2, 3, 4), (40_000,), (300, 200)]
+
+
+def make_params(dtype):
+    xs = [torch.randn(s, dtype=dtype) for s in shapes()]
+    xs[3].zero_()
+    return xs
+
+
+def make_grads(dtype, steps=10, nonfinite_step=6):
+    out = []
+    for step in range(steps):
+        gs = [torch.randn(s, dtype=dtype) for s in shapes()]
+        if step == 4:
+            gs[2] = torch.zeros_like(gs[2])  # a zero gradient
+        if step == nonfinite_step:
+            gs[5][123] = float("nan")  # the whole step must be skipped exactly
+        out.append(gs)
+    return out
+
+
+def groups(ps):  # two groups; the second is excluded from decay and adaptation
+    return [{"params": ps[:3] + ps[4:]}, {"params": [ps[3]], "weight_decay": 0.0, "adapt": False}]
+
+
+def assert_match(opt_a, pa, opt_b, pb, tol):
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, **tol)
+        sa, sb = opt_a.state[x], opt_b.state[y]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], **tol, msg=lambda m: f"state {k!r}: {m}")
+
+
+def run_pair(cls, kw, dtype, fused_kw, steps=10, nonfinite_step=6):
+    xs, grads = make_params(dtype), make_grads(dtype, steps, nonfinite_step)
+    a, b = clone_params(xs), clone_params(xs)
+    ref = cls(groups(a), foreach=False, **kw)
+    fast = cls(groups(b), **fused_kw, **kw)
+    for gs in grads:
+        set_grads([a, b], gs)
+        ref.step()
+        fast.step()
+        assert_match(ref, a, fast, b, TOL[dtype])
+    assert int(fast.skipped_steps) == int(ref.skipped_steps)
+    return ref, fast, a, b
+
+
+LAMB_OPTIONS = [
+    dict(),
+    dict(bias_correction=False),
+    dict(weight_decay=0.0),
+    dict(nesterov="first"),
+    dict(nesterov="both"),
+    dict(nesterov="both", bias_correction=False, weight_decay=0.1),
+    dict(phi=(0.5, 2.0)),
+    dict(trust_clip=True),
+    dict(adapt=False),
+    dict(max_grad_norm=0.5),
+    dict(max_grad_norm=0.5, nesterov="first", trust_clip=True),
+    dict(betas=(0.0, 0.0), eps=0.0),
+    dict(eps=0.0, nesterov="both"),
+]
+LARS_OPTIONS = [
+    dict(),
+    dict(nesterov=True),
+    dict(clip=True, phi=(0.1, 5.0)),
+    dict(weight_decay=0.0, trust_coefficient=0.02, eps=1e-3),
+    dict(adapt=False),
+    dict(max_grad_norm=0.5, nesterov=True),
+    dict(mode="classic"),
+    dict(mode="classic", nesterov=True, clip=True),
+    dict(mode="classic", weight_decay=0.0, lr=0.0, clip=True),
+    dict(mode="classic", max_grad_norm=0.5),
+]
+
+
+def ids(o):
+    return ",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("options", LAMB_OPTIONS, ids=ids)
+def test_lamb_kernel_matches_reference(options, dtype):
+    run_pair(Lamb, dict(lr=0.05, weight_decay=0.02) | options, dtype, dict(fused=True))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=ids)
+def test_lars_kernel_matches_reference(options, dtype):
+    run_pair(Lars, dict(lr=0.1, weight_decay=0.01) | options, dtype, dict(fused=True))
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Route CPU tensors to the torch-function backend (the one GPUs use)."""
+    monkeypatch.setattr(_fused, "_use_torch_backend", lambda params: True)
+
+
+@pytest.mark.parametrize("options", LAMB_OPTIONS, ids=ids)
+def test_lamb_torch_backend_matches_reference(options, torch_backend):
+    run_pair(Lamb, dict(lr=0.05, weight_decay=0.02) | options, F64, dict(fused=True))
+
+
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=ids)
+def test_lars_torch_backend_matches_reference(options, torch_backend):
+    run_pair(Lars, dict(lr=0.1, weight_decay=0.01) | options, F64, dict(fused=True))
+
+
+@pytest.mark.parametrize("cls,kw", [(Lamb, dict(nesterov="both", max_grad_norm=1.0)), (Lars, dict(nesterov=True))])
+def test_torch_backend_compiled_matches_reference(cls, kw, torch_backend, monkeypatch):
+    """The passes compiled with torch.compile (Inductor's C++ here; Triton on a GPU)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(_fused, "_COMPILE_ON_CPU", True)
+    monkeypatch.setattr(_fused, "_compiled_passes", {})
+    run_pair(cls, dict(lr=0.05, weight_decay=0.01) | kw, F32, dict(fused=True), steps=4, nonfinite_step=2)
+    assert _fused._compiled_passes  # the compiled form was used
+
+
+def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
+    """Meta tensors have no data: any read on the host (bool(ok), .item()) would raise."""
+    meta = torch.device("meta")
+    xs = [torch.empty(s, device=meta) for s in shapes()]
+    assert _fused.fused_available(xs)
+    assert _fused._use_torch_backend(xs)
+    ok = torch.ones((), dtype=torch.bool, device=meta)
+    scale = torch.ones((), device=meta)
+    like = lambda: [torch.empty_like(x) for x in xs]  # noqa: E731
+    steps = [torch.zeros((), device=meta) for _ in xs]
+    w, u, r = _fused.fused_lamb(
+        xs, like(), like(), like(), steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+        bias_correction=True, adapt=True, phi=None, trust_clip=False, nesterov="both", ok=ok,
+        grad_scale=scale, reduce=lambda t: t,
+    )  # fmt: skip
+    assert w.device == meta and w.shape == (len(xs),)
+    for mode in ("paper", "classic"):
+        _fused.fused_lars(
+            xs, like(), like(), lr=0.1, momentum=0.9, weight_decay=0.01, trust_coefficient=1.0, eps=0.0,
+            nesterov=True, mode=mode, clip=True, phi=None, adapt=True, ok=ok, grad_scale=scale, reduce=None,
+        )  # fmt: skip
+    # on a GPU the passes are compiled (lazily: nothing is compiled until called)
+    compiled = _fused._pass("_lamb_pass1", torch.device("cuda"))
+    assert compiled is not _fused._lamb_pass1
+    _fused._compiled_passes.clear()
+
+
+@needs_kernel
+def test_skipped_step_changes_nothing_bitwise():
+    xs = make_params(F32)
+    ps = clone_params(xs)
+    opt = Lamb(ps, lr=0.1, weight_decay=0.01, fused=True)
+    set_grads([ps], [torch.randn_like(x) for x in xs])
+    opt.step()
+    snap = [p.detach().clone() for p in ps]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    bad = [torch.randn_like(x) for x in xs]
+    bad[6][5, 7] = float("inf")
+    set_grads([ps], bad)
+    opt.step()
+    for p, s, st in zip(ps, snap, state):
+        assert torch.equal(p.detach(), s)
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v)
+    assert int(opt.skipped_steps) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_params_with_master_weights(gdtype):
+    """16-bit parameters: float32 masters and state, 16-bit gradients read by the kernel directly."""
+    x = torch.randn(300, 200)
+    a, b = x.to(gdtype).requires_grad_(), x.to(gdtype).requires_grad_()
+    ref = Lamb([a], lr=1e-3, weight_decay=0.01, foreach=False)
+    fast = Lamb([b], lr=1e-3, weight_decay=0.01, fused=True)
+    for _ in range(5):
+        g = torch.randn(300, 200).to(gdtype)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        fast.step()
+    assert_match(ref, [a], fast, [b], TOL[F32] | dict(atol=1e-5))
+    assert _fused.cpu_kernel_info("lamb", F32, gdtype).get("error") is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("cls,kw", [(Lamb, dict(nesterov="first")), (Lars, dict()), (Lars, dict(mode="classic"))])
+def test_norm_reducer_is_called_once_per_step_with_all_sums(cls, kw):
+    """Sharded parameters: [w_sq..., d_sq...] of every tensor goes through ONE reduce call."""
+    calls = {"ref": [], "fused": []}
+
+    def reducer(name):
+        def reduce(sq):  # stands for an all-reduce over two identical shards
+            calls[name].append(sq.shape)
+            return sq * 2
+
+        return reduce
+
+    xs, grads = make_params(F64), make_grads(F64, steps=5, nonfinite_step=3)
+    a, b = clone_params(xs), clone_params(xs)
+    ref = cls(a, lr=0.05, weight_decay=0.01, foreach=False, norm_reducer=reducer("ref"), **kw)
+    fast = cls(b, lr=0.05, weight_decay=0.01, fused=True, norm_reducer=reducer("fused"), **kw)
+    for gs in grads:
+        set_grads([a, b], gs)
+        ref.step()
+        fast.step()
+        assert_match(ref, a, fast, b, TOL[F64])
+    stepped = [c for c in calls["fused"] if c == (2 * len(xs),)]
+    assert len(stepped) == 4  # one call per step that was not skipped
+
+
+@needs_kernel
+def test_results_are_deterministic_and_thread_count_only_reorders_sums():
+    xs, grads = make_params(F32), make_grads(F32, steps=3, nonfinite_step=99)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, threads, 1):
+            torch.set_num_threads(n)
+            ps = clone_params(xs)
+            opt = Lamb(ps, lr=0.05, weight_decay=0.01, fused=True)
+            for gs in grads:
+                set_grads([ps], gs)
+                opt.step()
+            runs.append([p.detach().clone() for p in ps])
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(runs[0], runs[1]):
+        assert torch.equal(x, y)
+    for x, y in zip(runs[0], runs[2]):
+        torch.testing.assert_close(x, y, **TOL[F32])
+
+
+@needs_kernel
+def test_fused_all_finite():
+    for dtype in (F32, F64, torch.bfloat16, torch.float16):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            xs = [torch.randn(100_003).to(dtype), torch.randn(7).to(dtype), torch.randn(()).to(dtype)]
+            assert bool(_fused.fused_all_finite(xs))
+            xs[0][100_002] = bad
+            assert not bool(_fused.fused_all_finite(xs))
+            xs[0][100_002] = 0
+            xs[2].fill_(bad)
+            assert not bool(_fused.fused_all_finite(xs))
+        assert bool(_fused.fused_all_finite([torch.full((33,), torch.finfo(dtype).max, dtype=dtype)]))
+    assert _fused.fused_all_finite([torch.randn(4, 4).t()]) is None  # not contiguous: the caller's own check
+    assert _fused.fused_all_finite([torch.zeros(3, dtype=torch.int64)]) is None
+
+
+def test_availability():
+    assert not _fused.fused_available([torch.zeros(3, dtype=torch.bfloat16)])
+    assert not _fused.fused_available([torch.zeros(4, 4).t()])
+    assert _fused.fused_available([torch.zeros(3, dtype=F64)]) == _fused._cpu_kernel_possible()
+
+
+def test_without_compiler_optimizers_fall_back_silently(monkeypatch, tmp_path):
+    monkeypatch.setattr(_fused, "_compiler_path", [None])
+    monkeypatch.setattr(_fused, "_kernels", {})
+    monkeypatch.setattr(_fused, "_kernel_info", {})
+    xs = [torch.randn(3, 4)]
+    assert not _fused.fused_available(xs)
+    assert _fused.load_cpu_kernel("lamb", F32, cache_dir=tmp_path) is None
+    assert "compiler" in _fused.cpu_kernel_info("lamb", F32)["error"]
+    ps = clone_params(xs)
+    ps[0].grad = torch.randn(3, 4)
+    Lamb(ps, lr=0.1).step()  # fused=None: the multi-tensor path
+    with pytest.raises(RuntimeError, match="no fused backend"):
+        Lamb(ps, lr=0.1, fused=True).step()
+
+
+def test_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(_fused, "_compiler_path", [])
+    monkeypatch.setattr(_fused, "_kernels", {})
+    monkeypatch.setattr(_fused, "_kernel_info", {})
+    monkeypatch.setenv("LARGEBATCH_CACHE_DIR", str(tmp_path))
+    xs, grads = make_params(F32), make_grads(F32, steps=3, nonfinite_step=1)
+    a, b = clone_params(xs), clone_params(xs)
+    ref, fast = Lamb(a, lr=0.05, foreach=False), Lamb(b, lr=0.05, fused=True)
+    for gs in grads:
+        set_grads([a, b], gs)
+        ref.step()
+        fast.step()  # the build fails: the multi-tensor path takes over
+    assert_match(ref, a, fast, b, TOL[F32])
+    assert "failed" in _fused.cpu_kernel_info("lamb", F32)["error"]
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_FUSED_CPU", "0")
+    assert not _fused.fused_available([torch.zeros(3)])
+
+
+def test_bench_quick_writes_json(tmp_path):
+    from largebatch.cli import main
+
+    out = tmp_path / "bench.json"
+    impls = ["lamb", "lamb-foreach", "lars", "adamw-fused", "sgd-foreach", "torch_optimizer.Lamb", "timm.Lamb"]
+    assert main(["bench", "--quick", "--impl", *impls, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["sizes"]) == {"2M"}
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == set(impls)
+    for name in ("lamb", "lars", "adamw-fused", "sgd-foreach"):
+        row = rows[name]
+        assert row["median_ms"] > 0 and row["x_floor"] > 0 and row["steps_timed"] == 3
+    assert rows["adamw-fused"]["vs_adamw-fused"] == 1.0
+    assert rows["lamb"]["path"] in ("fused", "foreach")
