@@ -83,10 +83,16 @@ def ddp(tmp_path_factory):
 
 @multiprocess
 @pytest.mark.parametrize(
-    "case", ["lamb", "lamb_nesterov_no_clip", "lamb_reference_path", "lars_paper", "lars_classic", "lamb_hsdp_mesh"]
-)
+    "case",
+    ["lamb", "lamb_multi_tensor", "lamb_nesterov_no_clip", "lamb_reference_path", "lars_paper", "lars_paper_multi_tensor",
+     "lars_classic", "lars_classic_multi_tensor", "lamb_hsdp_mesh"],
+)  # fmt: skip
 def test_fsdp2_matches_single_process(fsdp, case):
     r = fsdp[case]
+    if case.endswith("multi_tensor"):
+        assert r["path"] == "multi_tensor"
+    if case == "lamb_reference_path":
+        assert r["path"] == "reference"
     assert r["reducer"] == "ShardNormReducer"  # detected from the DTensor parameters
     assert r["param_diff"] <= EXACT
     assert r["state_diff"] <= EXACT
@@ -123,6 +129,8 @@ def test_fsdp2_collectives_per_step(fsdp):
     assert (groups, tensors) == (2, 8)
     # one all-reduce per group for the norms + one for the global grad norm (max_grad_norm)
     assert set(fsdp["lamb"]["comms_per_step"]) == {groups + 1}
+    assert set(fsdp["lamb_multi_tensor"]["comms_per_step"]) == {groups + 1}
+    assert set(fsdp["lars_paper_multi_tensor"]["comms_per_step"]) == {groups + 1}
     assert set(fsdp["lars_paper"]["comms_per_step"]) == {groups + 1}
     assert set(fsdp["lars_classic"]["comms_per_step"]) == {groups + 1}
     # without max_grad_norm: one per group + one for the non-finite flags of all groups together

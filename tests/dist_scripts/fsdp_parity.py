@@ -19,8 +19,14 @@ from largebatch import Lamb, Lars, param_groups
 from largebatch.distributed import ShardNormReducer, cleanup, init_from_env, shard_indices, zero_norm_reducer
 
 CLIP = dict(max_grad_norm=0.05)  # below the initial gradient norm (~0.5): clipping is active
+# fused=None (default) takes the fused kernel where the machine has one; fused=False the multi-tensor path
 CASES = {
     "lamb": (Lamb, dict(lr=0.02, weight_decay=0.1, **CLIP)),
+    "lamb_multi_tensor": (Lamb, dict(lr=0.02, weight_decay=0.1, fused=False, **CLIP)),
+    "lars_paper_multi_tensor": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, mode="paper", fused=False, **CLIP)),
+    "lars_classic_multi_tensor": (
+        Lars, dict(lr=0.5, momentum=0.9, weight_decay=0.01, mode="classic", trust_coefficient=0.02, fused=False, **CLIP)
+    ),
     "lamb_nesterov_no_clip": (Lamb, dict(lr=0.02, weight_decay=0.1, nesterov="both")),
     "lamb_reference_path": (Lamb, dict(lr=0.02, weight_decay=0.1, foreach=False, **CLIP)),
     "lars_paper": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, mode="paper", **CLIP)),
@@ -62,6 +68,7 @@ def run_case(cls, kwargs, mesh, info, x, y):
         "n_tensors": len(params),
         "n_groups": len(opt.param_groups),
         "reducer": type(opt.norm_reducer).__name__,
+        "path": "reference" if opt.foreach is False else "fused" if opt._use_fused([p.to_local() for p in params]) else "multi_tensor",
         "local_shapes": _gather_shapes(params),
         "first_grad_norm": None if ref_opt.last_grad_norm is None else float(ref_opt.last_grad_norm),
     }, model, opt
