@@ -167,16 +167,15 @@ def plan_micro_batches(per_rank: int, micro_batch_size: int | None, max_micro_ba
 class _Dist:
     """The distributed context, or a single-process stand-in."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = 0
-        self.ctx = None
-        if self.world_size > 1:
+        self.device = resolve_device(device)
+        if self.world_size > 1:  # launched by torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
             from largebatch import distributed
 
-            self.ctx = distributed.init_from_env()
-            self.rank = self.ctx.rank
-            self.world_size = self.ctx.world_size
+            ctx = distributed.init_from_env(device=None if device == "auto" else device)
+            self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
 
     @property
     def is_main(self) -> bool:
@@ -209,8 +208,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     finished run in ``out_dir`` is returned as it is, never overwritten.
     """
     config.validate()
-    dist = _Dist()
-    device = resolve_device(config.device)
+    dist = _Dist(config.device)
+    device = dist.device
     if task is None:
         from largebatch.train.tasks import get_task
 
