@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from largebatch import distributed
 from largebatch.optim import create_optimizer, param_groups
 from largebatch.optim.registry import OPTIMIZERS
 from largebatch.schedules import Recipe, ScheduleLR
@@ -164,42 +164,6 @@ def plan_micro_batches(per_rank: int, micro_batch_size: int | None, max_micro_ba
     return micro, math.ceil(per_rank / micro)
 
 
-class _Dist:
-    """The distributed context, or a single-process stand-in."""
-
-    def __init__(self, device: str) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = 0
-        self.device = resolve_device(device)
-        if self.world_size > 1:  # launched by torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
-            from largebatch import distributed
-
-            ctx = distributed.init_from_env(device=None if device == "auto" else device)
-            self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return t
-        from largebatch import distributed
-
-        return distributed.all_reduce_sum(t)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            from largebatch import distributed
-
-            distributed.barrier()
-
-    def no_sync(self, model: nn.Module, skip: bool):
-        if self.world_size > 1 and skip:
-            return model.no_sync()
-        return contextlib.nullcontext()
-
-
 def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None = None) -> TrainResult:
     """Train ``task`` (a built-in task by ``config.task`` if None) under ``config``.
 
@@ -208,7 +172,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     finished run in ``out_dir`` is returned as it is, never overwritten.
     """
     config.validate()
-    dist = _Dist(config.device)
+    # torchrun's environment -> DDP (gloo on CPU, nccl on cuda:LOCAL_RANK); otherwise one process
+    dist = distributed.init_from_env(device=None if config.device == "auto" else config.device)
     device = dist.device
     if task is None:
         from largebatch.train.tasks import get_task
@@ -318,7 +283,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_state(), "step": step, "history": history, "wall_time": elapsed, "config": config.to_dict()},
             )  # fmt: skip
-        dist.barrier()
+        distributed.barrier()
 
     end_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
     status = "finished" if end_step == total_steps else "stopped"
@@ -344,13 +309,13 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         share = idx.tensor_split(dist.world_size)[dist.rank]
         micro_idx = share.split(micro)
         batches = [task.get_batch("train", mi, batch_generator(config.seed, step, dist.rank, j)) for j, mi in enumerate(micro_idx)]
-        total_weight = dist.all_reduce_sum(torch.tensor(float(sum(b.weight for b in batches)), device=device))
+        total_weight = distributed.all_reduce_sum(torch.tensor(float(sum(b.weight for b in batches)), device=device))
         # DDP averages gradients over ranks; scaling by world_size / W makes the result sum/W.
         scale = dist.world_size / total_weight
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for j, b in enumerate(batches):
             b = b.to(device, dtype)
-            with dist.no_sync(train_model, j < len(batches) - 1), autocast:
+            with distributed.no_sync_if(train_model, j < len(batches) - 1), autocast:
                 loss_sum, _ = task.loss(train_model, b)
             (loss_sum * scale).backward()
             step_loss += loss_sum.detach().double()
@@ -358,7 +323,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-        window_loss += dist.all_reduce_sum(step_loss) / total_weight  # stays on the device
+        window_loss += distributed.all_reduce_sum(step_loss) / total_weight  # stays on the device
         window_weight += 1
         window_examples += len(idx)
 
@@ -391,7 +356,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
             window_weight, window_examples, window_t = 0, 0, now
         if config.eval_every and done % config.eval_every == 0 and done < end_step and dist.is_main:
             evaluate(done)
-        dist.barrier() if (config.eval_every and done % config.eval_every == 0) else None
+        if config.eval_every and done % config.eval_every == 0:
+            distributed.barrier()
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < end_step:
             save(done, wall_offset + time.perf_counter() - t0)
     else:
