@@ -105,6 +105,9 @@ def test_spec_expansion_and_validation(tmp_path):
     # "peak" grids use the value as the LR at every batch size
     peak = SweepSpec.from_dict({**spec.raw, "optimizers": [{"name": "adam", "lrs": [0.01], "grid": "peak"}]}).expand()
     assert [r.spec["config"]["lr"] for r in peak] == [0.01, 0.01]
+    # a grid restricted to some batch sizes; the untuned run everywhere
+    some = SweepSpec.from_dict({**spec.raw, "optimizers": [{"name": "lamb", "lr": 0.01, "lrs": [0.1], "grid_batch_sizes": [128]}]})
+    assert [(r.spec["config"]["batch_size"], r.spec["config"]["base_lr"]) for r in some.expand()] == [(32, 0.01), (128, 0.01), (128, 0.1)]
     with pytest.raises(ValueError, match="unknown key.*lrz"):
         SweepSpec.from_dict({**spec.raw, "optimizers": [{"name": "lamb", "lrz": [1]}]})
     with pytest.raises(ValueError, match="unknown training option.*bogus"):

@@ -192,6 +192,34 @@ def accuracy_table(study: Study, setting: str) -> str:
     return _table(header, rows) if rows else "_no runs in this setting_"
 
 
+def grid_tables(study: Study, max_columns: int = 10) -> str:
+    """Per batch size: rows optimizers, columns the peak LRs tried, cells the final value (best
+    over the other grid dimensions at that LR)."""
+    out = []
+    for b in study.batches:
+        groups = [g for g in study.groups if g.batch == b and g.run.lr is not None]
+        lrs = sorted({g.run.lr for g in groups})
+        if len(lrs) < 2 or len(lrs) > max_columns:
+            continue
+        rows = []
+        for label in study.labels:
+            mine = [g for g in groups if g.label == label]
+            if len(mine) < 2:
+                continue
+            cells = []
+            for lr in lrs:
+                at = [g for g in mine if g.run.lr == lr]
+                if not at:
+                    cells.append("")
+                    continue
+                best = max(at, key=lambda g: g.value)
+                cells.append(_fmt(best.value) if best.status == "finished" else best.status)
+            rows.append([label] + cells)
+        if rows:
+            out += [f"**B={b}**, final {study.metric} by peak LR:", "", _table(["optimizer"] + [f"lr {lr:.3g}" for lr in lrs], rows), ""]
+    return "\n".join(out)
+
+
 def scaling_rows(study: Study, setting: str) -> list[dict[str, Any]]:
     """One record per (optimizer, batch): value, steps, wall time, target, speedup, efficiency."""
     target = study.config.get("target", {"drop": 0.005})
@@ -540,15 +568,17 @@ def synthetic_section(out_dir: Path, steps: int = 500) -> str:
 # The report
 
 
-def _hardware(invocations: list[dict[str, Any]]) -> str:
+def _hardware(invocations: list[dict[str, Any]], runs: list[RunRecord]) -> str:
     envs = [i["environment"] for i in invocations if i.get("environment")]
     if not envs:
         return "unknown"
     e = envs[-1]
     cores = e.get("affinity") or e.get("cpu_count")
     gpu = f", GPU {e['cuda']}" if e.get("cuda") else ""
+    threads = sorted({r.environment.get("torch_threads") for r in runs if r.environment.get("torch_threads")})
+    threads_text = "/".join(str(t) for t in threads) or str(e.get("torch_threads"))
     return (f"{e.get('cpu_model')} ({cores} cores usable, {e.get('cpu_count')} logical CPUs){gpu}; torch {e.get('torch')} "
-            f"({e.get('torch_threads')} threads), Python {e.get('python')}, {e.get('platform')}")  # fmt: skip
+            f"({threads_text} thread(s) per run), Python {e.get('python')}, {e.get('platform')}")  # fmt: skip
 
 
 def _duration(seconds: float) -> str:
@@ -583,6 +613,8 @@ def _protocol(study: Study) -> str:
             parts.append(f"training overrides `{json.dumps(o['train'])}`")
         if o.get("batch_sizes"):
             parts.append(f"batches {o['batch_sizes']}")
+        if o.get("grid_batch_sizes"):
+            parts.append(f"grid only at batches {o['grid_batch_sizes']}")
         lines.append(f"- {o.get('label', o['name'])}: " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -599,7 +631,7 @@ def sweep_section(study: Study, out_dir: Path, prefix: str = "") -> str:
     if c.get("description"):
         lines += [c["description"].strip(), ""]
     lines += [
-        f"- hardware: {_hardware(study.invocations)}",
+        f"- hardware: {_hardware(study.invocations, study.runs)}",
         f"- time: {_duration(total)} over {len(study.invocations)} invocation(s); runs: "
         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
         f"- code: largebatch {study.invocations[-1]['code_version'].get('package') if study.invocations else '?'}, commit {', '.join(commits) or '?'}",
@@ -611,19 +643,24 @@ def sweep_section(study: Study, out_dir: Path, prefix: str = "") -> str:
         lines += ["### Reduced versus the paper", "", c["notes"].strip(), ""]
 
     metric = study.metric
-    lines += [f"### {metric} by optimizer and batch size", "",
-              "**Untuned** (the recipe only: one base LR at B0, scaled to each batch by the rule; the LR shown is the peak LR used):", "",
-              accuracy_table(study, "untuned"), "",
-              "**Tuned** (best final value over everything swept for that optimizer at that batch; LR = peak LR):", "",
+    lines += [f"### {metric} by optimizer and batch size", ""]
+    if any("untuned" in g.tags for g in study.groups):
+        lines += ["**Untuned** (the recipe only: one base LR at B0, scaled to each batch by the rule; the LR shown is the peak LR used):", "",
+                  accuracy_table(study, "untuned"), ""]  # fmt: skip
+    lines += ["**Tuned** (best final value over everything swept for that optimizer at that batch; LR = peak LR):", "",
               accuracy_table(study, "tuned"), ""]  # fmt: skip
+    grids = grid_tables(study)
+    if grids:
+        lines += ["### LR grids", "", grids]
     plots = {}
-    for name, fn in (("accuracy_vs_batch", plot_accuracy_vs_batch), ("loss_curves", plot_loss_curves),
+    for name, fn in ((("accuracy_vs_batch", plot_accuracy_vs_batch),) if len(study.batches) > 1 else ()) + (("loss_curves", plot_loss_curves),
                      ("lr_sensitivity", plot_lr_sensitivity), ("trust_ratios", plot_trust_ratios), ("noise_scale", plot_noise)):  # fmt: skip
         fname = f"{prefix}{name}.png"
         made = fn(study, out_dir / fname)
         if made is not False:
             plots[name] = fname
-    lines += [f"![{metric} vs batch size]({plots['accuracy_vs_batch']})", ""]
+    if "accuracy_vs_batch" in plots:
+        lines += [f"![{metric} vs batch size]({plots['accuracy_vs_batch']})", ""]
     if len(study.batches) > 1:
         target = c.get("target", {"drop": 0.005})
         lines += ["### Steps, time and scaling efficiency", "",

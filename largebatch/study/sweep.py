@@ -34,6 +34,7 @@ A sweep is a TOML file (or the same dict)::
     weight_decay = 0.01            # the untuned run's weight decay
     weight_decays = [0.0, 0.01]    # grid (default: [weight_decay])
     warmup_epochs = [0.0125]       # grid (default: the [train] value)
+    grid_batch_sizes = [2048]      # grid points only at these batches (default: every batch)
     options = { bias_correction = false }   # optimizer options
     label = "lamb"                 # the name in tables (default: name)
 
@@ -74,7 +75,7 @@ CORE_FIELDS = ("task", "task_options", "optimizer", "optimizer_options", "batch_
 _TOP_KEYS = {"name", "description", "notes", "task", "task_options", "epochs", "base_batch", "batch_sizes", "seeds",
              "evals", "log_points", "target", "train", "noise", "optimizers"}  # fmt: skip
 _OPT_KEYS = {"name", "label", "lr", "lrs", "grid", "weight_decay", "weight_decays", "warmup_epochs", "options", "train",
-             "batch_sizes"}  # fmt: skip
+             "batch_sizes", "grid_batch_sizes"}  # fmt: skip
 _NOISE_KEYS = {"labels", "batch_sizes", "b_small", "b_big", "batches", "untuned_only"}
 
 
@@ -99,6 +100,7 @@ class OptimizerSpec:
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = ()
+    grid_batch_sizes: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "OptimizerSpec":
@@ -122,6 +124,7 @@ class OptimizerSpec:
             options=dict(d.get("options", {})),
             train=dict(d.get("train", {})),
             batch_sizes=tuple(int(b) for b in d.get("batch_sizes", ())),
+            grid_batch_sizes=tuple(int(b) for b in d.get("grid_batch_sizes", ())),
         )
 
 
@@ -252,7 +255,8 @@ class SweepSpec:
                     points: list[tuple[str, dict[str, Any]]] = []
                     if opt.lr is not None:
                         points.append(("untuned", {"base_lr": opt.lr, "lr": None, "weight_decay": wd0, "warmup_epochs": wu0}))
-                    for lr in opt.lrs:
+                    grid_here = not opt.grid_batch_sizes or batch in opt.grid_batch_sizes
+                    for lr in opt.lrs if grid_here else ():
                         for wd in opt.weight_decays or (wd0,):
                             for wu in opt.warmup_epochs or (wu0,):
                                 lr_fields = {"base_lr": lr, "lr": None} if opt.grid == "scaled" else {"base_lr": lr, "lr": lr}

@@ -93,10 +93,10 @@ class SyntheticResult:
 # label -> (registry name, learning rates, options). SGD's grid is in units of 1 / L_max: with
 # momentum 0.9 (no dampening) it is stable for lr < 2 (1 + 0.9) / L_max = 3.8 / L_max.
 DEFAULT_OPTIMIZERS: dict[str, tuple[str, tuple[float, ...], dict[str, Any]]] = {
-    "momentum (SGD)": ("momentum", (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0), {"lr_unit": "1/L_max"}),
-    "lars": ("lars", (0.003, 0.01, 0.03, 0.1, 0.3), {}),
-    "lamb": ("lamb", (0.003, 0.01, 0.03, 0.1, 0.3), {}),
-    "adam": ("adam", (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0), {}),
+    "momentum (SGD)": ("momentum", (0.1, 0.3, 1.0, 2.0, 3.0, 3.5), {"lr_unit": "1/L_max"}),
+    "lars": ("lars", (0.003, 0.01, 0.03, 0.1), {}),
+    "lamb": ("lamb", (0.003, 0.01, 0.03, 0.1), {}),
+    "adam": ("adam", (0.01, 0.1, 0.3, 1.0), {}),
 }
 
 
