@@ -211,3 +211,28 @@ def test_bert_mlm_trains_a_few_steps(tmp_path):
     res = fit(cfg)
     assert res.status == "finished" and res.steps == 2 and res.accumulation == 2
     assert 0.0 <= res.final["accuracy"] <= 1.0 and res.final["loss"] > 0
+
+
+def test_automatic_micro_batch_halves_on_out_of_memory(mnist):
+    """A micro-batch that does not fit is halved and the step redone; the result is unchanged."""
+
+    class Tight(type(mnist)):
+        def loss(self, model, batch):
+            if model.training and batch.weight > 16:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate (simulated)")
+            return super().loss(model, batch)
+
+    tight = Tight(**SUBSET)
+    cfg = dict(task="mnist-lenet", batch_size=64, epochs=1, lr=0.05, precision="fp64", max_steps=3, progress=False, log_every=0)
+    torch.manual_seed(0)
+    m1 = mnist.build_model()
+    fit(TrainConfig(**cfg, micro_batch_size=16), task=mnist, model=m1)
+    torch.manual_seed(0)
+    m2 = tight.build_model()
+    res = fit(TrainConfig(**cfg), task=tight, model=m2)
+    assert res.micro_batch_size == 16 and res.accumulation == 4
+    assert [h["micro_batch_size"] for h in res.history if h.get("event") == "out_of_memory"] == [32, 16]
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(torch.OutOfMemoryError):  # a micro-batch the user chose is not changed
+        fit(TrainConfig(**cfg, micro_batch_size=32), task=tight)

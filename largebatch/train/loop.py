@@ -307,18 +307,39 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
             perm_epoch, perm = epoch, epoch_permutation(config.seed, epoch, n_train)
         idx = perm[pos * config.batch_size : (pos + 1) * config.batch_size]
         share = idx.tensor_split(dist.world_size)[dist.rank]
-        micro_idx = share.split(micro)
-        batches = [task.get_batch("train", mi, batch_generator(config.seed, step, dist.rank, j)) for j, mi in enumerate(micro_idx)]
-        total_weight = distributed.all_reduce_sum(torch.tensor(float(sum(b.weight for b in batches)), device=device))
-        # DDP averages gradients over ranks; scaling by world_size / W makes the result sum/W.
-        scale = dist.world_size / total_weight
-        step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for j, b in enumerate(batches):
-            b = b.to(device, dtype)
-            with distributed.no_sync_if(train_model, j < len(batches) - 1), autocast:
-                loss_sum, _ = task.loss(train_model, b)
-            (loss_sum * scale).backward()
-            step_loss += loss_sum.detach().double()
+
+        def accumulate(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Forward/backward over this rank's micro-batches; grads hold d(sum loss / W)."""
+            micro_idx = share.split(micro)
+            batches = [task.get_batch("train", mi, batch_generator(config.seed, step, dist.rank, j)) for j, mi in enumerate(micro_idx)]
+            total_weight = distributed.all_reduce_sum(torch.tensor(float(sum(b.weight for b in batches)), device=device))
+            # DDP averages gradients over ranks; scaling by world_size / W makes the result sum/W.
+            scale = dist.world_size / total_weight
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            for j, b in enumerate(batches):
+                b = b.to(device, dtype)
+                with distributed.no_sync_if(train_model, j < len(batches) - 1), autocast:
+                    loss_sum, _ = task.loss(train_model, b)
+                (loss_sum * scale).backward()
+                step_loss += loss_sum.detach().double()
+            return step_loss, total_weight
+
+        while True:
+            try:
+                step_loss, total_weight = accumulate(micro)
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                # An automatic micro-batch that does not fit in memory is halved and the step is
+                # redone: the objective is the same at any micro-batch size. A micro-batch the user
+                # set, and data-parallel runs (ranks must agree), fail instead.
+                if not _is_oom(err) or config.micro_batch_size is not None or dist.world_size > 1 or micro == 1:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                micro = (micro + 1) // 2
+                accumulation = math.ceil(per_rank / micro)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log({"step": step, "split": "train", "event": "out_of_memory", "micro_batch_size": micro})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -383,6 +404,13 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     if writer:
         writer.close()
     return result
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], out_dir: Path | None) -> None:
