@@ -42,6 +42,9 @@ class TrainConfig:
     ("constant": same epochs at any batch; "linear": epochs grow with the batch, the paper's
     linear-epoch warmup, i.e. the same number of warmup steps). Decay: "poly" (power ``power``),
     "cosine", "constant" or "step" (x``decay_factor`` at ``decay_epochs``).
+    Batch: ``batch_size`` is the effective (global) batch; each rank's share is cut into
+    micro-batches of ``micro_batch_size``, or, when that is None, of min(share, ``max_micro_batch``)
+    halved until a step fits in memory; the number of accumulation steps follows.
     """
 
     task: str = "mnist-lenet"
