@@ -15,10 +15,14 @@ drift by 15-25% between runs):
   last-level cache, as after a backward pass, so no implementation profits from the loop.
 * Bandwidth: the median time of an in-place ``a += alpha * b`` over two buffers of the largest size
   (12 bytes per element moved), in the same run.
-* Extra peak memory of a step: in a subprocess per implementation, with glibc's ``mmap`` threshold
-  fixed at 64 KiB (so freed temporaries leave the resident set at once), the peak resident set is
-  reset through ``/proc/self/clear_refs`` after two warm-up steps and read from ``VmHWM`` after one
-  more step; the extra is the peak minus the resident set before the step (Linux only).
+* Extra peak memory: in a subprocess per implementation, with glibc's ``mmap`` threshold fixed at
+  64 KiB (so that freed temporaries leave the resident set at once). After a tiny instance of the
+  optimizer has run (imports, kernels, thread pools), the resident set is read; the optimizer is
+  built and takes two steps; the resident set is read again and the peak (``VmHWM``) is reset
+  through ``/proc/self/clear_refs``; one more step runs and the peak is read. "held" is what the
+  optimizer keeps between steps beyond its state tensors (e.g. scratch buffers), "transient" what
+  a step allocates and frees; the extra is their sum, stated as a fraction of the parameter bytes
+  (Linux only).
 * Compile cost of the fused CPU kernel is reported apart: a cold build into a fresh directory and
   the load from the cache the optimizers use.
 """
@@ -121,8 +125,9 @@ def _peer(module: str, attr: str, **kw):
 
 
 def _with_fast_check(cls_name: str, **kw):
-    """Our optimizer whose non-finite check is ``_fused.fused_all_finite`` (one pass over the
-    gradients at memory speed) instead of ``_common.all_finite``."""
+    """Our optimizer whose per-group non-finite check is ``_fused.fused_all_finite`` (one pass over
+    the gradients at memory speed) instead of ``_common.all_finite``; equal to the plain optimizer
+    wherever ``all_finite`` already uses it."""
 
     def make(params):
         import largebatch
@@ -131,9 +136,11 @@ def _with_fast_check(cls_name: str, **kw):
         base = getattr(largebatch, cls_name)
 
         class FastCheck(base):
-            def _group_ok(self, grads):
-                ok = fused_all_finite(grads) if self.norm_reducer is None else None
-                return super()._group_ok(grads) if ok is None else ok
+            def _groups_ok(self, grads_per_group):
+                oks = [fused_all_finite(grads) if grads else None for grads in grads_per_group]
+                if self._totals_reducer() is None and all(ok is not None for ok in oks):
+                    return oks
+                return super()._groups_ok(grads_per_group)
 
         return FastCheck(params, lr=LR, weight_decay=WEIGHT_DECAY, **kw)
 
@@ -229,6 +236,36 @@ def measure_bandwidth(numel: int, repeats: int = 10) -> float:
     return 12 * numel / statistics.median(times) / 1e9
 
 
+class _OtherLoad:
+    """Share of all CPU time used by other processes between start() and stop() (Linux; else None).
+
+    Absolute times on a shared machine depend on it; it is recorded next to them."""
+
+    @staticmethod
+    def _snap():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        t = os.times()
+        return sum(fields), fields[3] + fields[4], t.user + t.system + t.children_user + t.children_system
+
+    def start(self) -> None:
+        try:
+            self.t0 = self._snap()
+        except (OSError, ValueError):
+            self.t0 = None
+
+    def stop(self) -> float | None:
+        if self.t0 is None:
+            return None
+        try:
+            total, idle, own = (b - a for a, b in zip(self.t0, self._snap()))
+        except (OSError, ValueError):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        other = (total - idle) / ticks - own
+        return round(max(0.0, other / max(total / ticks, 1e-9)), 3)
+
+
 def _time_steps(opt, steps: int, flush: _Flusher | None) -> list[float]:
     times = []
     for _ in range(steps):
@@ -298,20 +335,40 @@ def _status_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
+def _state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+
 def _memory_probe(impl_name: str, size: str) -> None:
+    impl = _impl(impl_name)
     params = make_tensors(size_shapes(size))
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    opt = _impl(impl_name).make(params)
+    tiny = impl.make(make_tensors([(4, 4), (4,)]))  # imports, kernels and thread pools, outside the measure
+    tiny.step()
+    tiny.step()
+    del tiny
+    gc.collect()
+    rss0 = _status_kib("VmRSS")
+    opt = impl.make(params)
     for _ in range(2):
         opt.step()
     gc.collect()
-    before = _status_kib("VmRSS")
+    rss1 = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set (VmHWM) to the current one
     opt.step()
     peak = _status_kib("VmHWM")
-    extra = max(0, peak - before) * 1024
-    print(json.dumps({"extra_bytes": extra, "param_bytes": param_bytes, "extra_vs_params": extra / param_bytes}))
+    state = _state_bytes(opt)
+    held = max(0, rss1 * 1024 - rss0 * 1024 - state)  # kept between steps beyond the optimizer state
+    transient = max(0, peak - rss1) * 1024  # allocated during a step and freed by its end
+    print(json.dumps({
+        "param_bytes": param_bytes,
+        "state_bytes": state,
+        "held_bytes": held,
+        "transient_bytes": transient,
+        "extra_bytes": held + transient,
+        "extra_vs_params": (held + transient) / param_bytes,
+    }))
 
 
 @dataclass
@@ -340,12 +397,20 @@ def run_benchmark(
     memory: bool = True,
     flush: bool = True,
     compile_cost: bool = True,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time every implementation at every size; returns the JSON-ready result (see format_table)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     names = list(impls) if impls else IMPL_NAMES
     chosen = [_impl(n) for n in names]
-    result: dict = {"meta": _meta(), "sizes": {}, "rows": []}
+    result: dict = {
+        "meta": _meta(),
+        "settings": dict(repeats=repeats, rounds=rounds, warmup=warmup, flush=flush, lr=LR, weight_decay=WEIGHT_DECAY),
+        "sizes": {},
+        "rows": [],
+    }
     if compile_cost:
         log("compiling the fused CPU kernels in a fresh directory (cold build cost) ...")
         result["compile"] = compile_report()
@@ -370,6 +435,8 @@ def run_benchmark(
                 rows[impl.name].skipped = f"slow; skipped above {SLOW_LIMIT // 10**6}M (use --reference)"
         active = [impl for impl in chosen if rows[impl.name].skipped is None]
         params = make_tensors(shapes)
+        load = _OtherLoad()
+        load.start()
         per_round = max(1, -(-repeats // rounds))
         for r in range(rounds):
             order = active[r % len(active):] + active[: r % len(active)] if active else []
@@ -382,6 +449,7 @@ def run_benchmark(
                 del opt
                 gc.collect()
             log(f"[{size}] round {r + 1}/{rounds} done")
+        result["sizes"][size]["cpu_share_of_other_processes"] = load.stop()
         del params
         gc.collect()
         if memory:

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flush the caches before every timed step (default: on, off with --quick)")
     parser.add_argument("--compile-cost", action=argparse.BooleanOptionalAction, default=None,
                         help="measure a cold build of the fused CPU kernels (default: on, off with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--quick", action="store_true",
                         help="size 2M, 3 steps, 1 round, 1 warm-up step, no memory/flush/compile measurement")
     parser.add_argument("--json", metavar="PATH", help="write the full results here")
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             memory=pick(args.memory, True, False),
             flush=pick(args.flush, True, False),
             compile_cost=pick(args.compile_cost, True, False),
+            threads=args.threads,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
     except ValueError as err:
@@ -66,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
     meta = result["meta"]
     print(f"{meta['date']}; {meta['cpu']}, {meta['torch_threads']} threads; torch {meta['torch']}; commit {meta['commit']}")
     for size, info in result["sizes"].items():
+        other = info.get("cpu_share_of_other_processes")
         print(f"{size}: {info['description']}: {info['params'] / 1e6:.1f}M parameters, {info['tensors']} tensors, "
-              f"bandwidth {info['bandwidth_GBps']} GB/s")
+              f"bandwidth {info['bandwidth_GBps']} GB/s"
+              + (f"; other processes used {other:.0%} of the CPU time meanwhile" if other is not None else ""))
     for opt, info in result.get("compile", {}).items():
         print(f"fused CPU kernel ({opt}, float32): cold build {info['cold_build_s']} s"
               + (f" ({info['error']})" if info.get("error") else ""))

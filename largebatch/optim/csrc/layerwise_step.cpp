@@ -11,9 +11,10 @@
 // Tensors are processed last to first: a step usually follows a pass over the gradients in list
 // order (a finiteness check, a global norm), whose last tensors are then still in cache.
 //
-// Threads: a tensor with at least kSplitMin elements is cut into one contiguous range per thread
-// (one barrier between its two passes); smaller tensors go whole to one thread each, balanced by
-// size. Partial sums are combined in a fixed order, so a result depends only on the thread count.
+// Threads: a tensor with at least a quarter of a thread's share of all elements is cut into one
+// contiguous range per thread (one barrier between its two passes); smaller tensors are taken
+// whole by whichever thread is free. Partial sums are combined in a fixed order, so a result depends
+// only on the thread count.
 //
 // The element formulas follow the multi-tensor reference (largebatch/optim/lamb.py, lars.py)
 // operation by operation, except that divisions by a per-tensor bias correction are multiplications
@@ -32,8 +33,9 @@
 
 namespace {
 
-constexpr int64_t kSplitMin = 1 << 15;  // elements; below this a tensor is not split across threads
+constexpr int64_t kSplitMin = 1 << 15;  // elements; below this a tensor is never split across threads
 constexpr int64_t kBlock = 4096;        // elements per partial sum and per backward step of pass 2
+constexpr int64_t kKeepMax = 1 << 22;   // LAMB: u of a whole tensor up to this size is kept for pass 2
 constexpr int64_t kAlign = 16;          // split points are multiples of this (one 64-byte line of floats)
 
 enum GradType { kGradSame = 0, kGradBF16 = 1, kGradF16 = 2 };
@@ -131,37 +133,45 @@ T bias_correction(const StepArgs& a, double beta, T k) {
   return T(1) - std::pow(T(beta), k);
 }
 
-template <typename T, int G, int NEST>
+template <typename T, int G, int NEST, bool EPS0>
 struct Lamb {
   const StepArgs& a;
   const std::vector<LambCoef<T>>& coef;
   T b1, c1, b2, c2, eps, wd, gs;
-  bool eps0;  // eps == 0: the direction is 0 where sqrt(v_hat) + eps is 0 (not 0/0)
 
   Lamb(const StepArgs& args, const std::vector<LambCoef<T>>& c)
       : a(args), coef(c), b1(T(args.beta1)), c1(T(1.0 - args.beta1)), b2(T(args.beta2)),
-        c2(T(1.0 - args.beta2)), eps(T(args.eps)), wd(T(args.weight_decay)), gs(T(args.grad_scale)),
-        eps0(args.eps == 0.0) {}
+        c2(T(1.0 - args.beta2)), eps(T(args.eps)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
 
-  static inline T direction(T m, T v, T g, T x, const LambCoef<T>& k, T eps, T wd, bool eps0) {
+  static inline T direction(T m, T v, T g, T x, const LambCoef<T>& k, T eps, T wd) {
     T mh = m * k.am;
     if (NEST >= 1) mh = mh + g * k.ag;
     T vh = v * k.bv;
     if (NEST == 2) vh = vh + (g * g) * k.bg;
     T den = std::sqrt(vh) + eps;
     T u = mh / den;
-    u = (eps0 && !(den > T(0))) ? T(0) : u;
+    if (EPS0) u = den > T(0) ? u : T(0);  // eps == 0: 0, not 0/0, where sqrt(v_hat) is 0
     return u + x * wd;
   }
 
-  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+  static constexpr bool kKeeps = true;  // pass 1 can leave u in a buffer for pass 2
+
+  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T* keep) const {
+    if (keep != nullptr) {
+      pass1_impl<true>(i, lo, hi, s, keep);
+    } else {
+      pass1_impl<false>(i, lo, hi, s, nullptr);
+    }
+  }
+
+  template <bool KEEP>
+  void pass1_impl(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T* __restrict keep) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const void* g = a.g[i];
     T* __restrict m = static_cast<T*>(a.s1[i]);
     T* __restrict v = static_cast<T*>(a.s2[i]);
     const LambCoef<T> k = coef[i];
     const T b1 = this->b1, c1 = this->c1, b2 = this->b2, c2 = this->c2, eps = this->eps, wd = this->wd, gs = this->gs;
-    const bool eps0 = this->eps0;
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
       const int64_t j1 = std::min(hi, j0 + kBlock);
       T sw = 0, su = 0;
@@ -173,7 +183,8 @@ struct Lamb {
         m[j] = mj;
         v[j] = vj;
         const T xj = x[j];
-        const T u = direction(mj, vj, gj, xj, k, eps, wd, eps0);
+        const T u = direction(mj, vj, gj, xj, k, eps, wd);
+        if (KEEP) keep[j] = u;
         sw += xj * xj;
         su += u * u;
       }
@@ -182,22 +193,29 @@ struct Lamb {
     }
   }
 
-  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio) const {
+  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio, const T* __restrict keep) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
+    const T scale = T(-a.lr) * ratio;
+    if (keep != nullptr) {  // u from pass 1
+      for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
+        const int64_t j0 = std::max(lo, j1 - kBlock);
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) x[j] = x[j] + keep[j] * scale;
+      }
+      return;
+    }
     const void* g = a.g[i];
     const T* __restrict m = static_cast<const T*>(a.s1[i]);
     const T* __restrict v = static_cast<const T*>(a.s2[i]);
     const LambCoef<T> k = coef[i];
     const T eps = this->eps, wd = this->wd, gs = this->gs;
-    const bool eps0 = this->eps0;
-    const T scale = T(-a.lr) * ratio;
     for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
       const int64_t j0 = std::max(lo, j1 - kBlock);
 #pragma omp simd
       for (int64_t j = j0; j < j1; ++j) {
         const T gj = NEST >= 1 ? GradLoad<T, G>::at(g, j) * gs : T(0);
         const T xj = x[j];
-        x[j] = xj + direction(m[j], v[j], gj, xj, k, eps, wd, eps0) * scale;
+        x[j] = xj + direction(m[j], v[j], gj, xj, k, eps, wd) * scale;
       }
     }
   }
@@ -215,7 +233,9 @@ struct LarsPaper {
   explicit LarsPaper(const StepArgs& args)
       : a(args), mom(T(args.beta1)), c(T(1.0 - args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
 
-  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+  static constexpr bool kKeeps = false;
+
+  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
     const T* __restrict x = static_cast<const T*>(a.x[i]);
     const void* g = a.g[i];
     T* __restrict b = static_cast<T*>(a.s1[i]);
@@ -238,7 +258,7 @@ struct LarsPaper {
     }
   }
 
-  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio) const {
+  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio, const T*) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const void* g = a.g[i];
     const T* __restrict b = static_cast<const T*>(a.s1[i]);
@@ -268,7 +288,9 @@ struct LarsClassic {
   explicit LarsClassic(const StepArgs& args)
       : a(args), mom(T(args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
 
-  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+  static constexpr bool kKeeps = false;
+
+  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
     const T* __restrict x = static_cast<const T*>(a.x[i]);
     const void* g = a.g[i];
     const T gs = this->gs;
@@ -287,7 +309,7 @@ struct LarsClassic {
     }
   }
 
-  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio) const {
+  void pass2(int64_t i, int64_t lo, int64_t hi, T ratio, const T*) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const void* g = a.g[i];
     T* __restrict b = static_cast<T*>(a.s1[i]);
@@ -312,6 +334,14 @@ struct LarsClassic {
 
 // ------------------------------------------------------------------------------------------------
 // The driver: splits the work over threads and runs the stage's passes.
+// A per-thread buffer of at least n elements, kept for the next call (it only grows).
+template <typename T>
+T* thread_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
 inline void split_range(int64_t numel, int tid, int nt, int64_t& lo, int64_t& hi) {
   const int64_t units = (numel + kAlign - 1) / kAlign;
   lo = std::min(numel, (units * tid / nt) * kAlign);
@@ -325,10 +355,17 @@ void drive(const StepArgs& a, const K& k) {
   T* d_out = static_cast<T*>(a.d_norm);
   T* r_io = static_cast<T*>(a.ratio);
   const int want = std::max(1, a.num_threads);
-  std::vector<Sums<T>> part;  // [tensor][thread]
-  std::vector<int64_t> big;
-  std::vector<std::vector<int64_t>> small;
-  int team = 1;
+
+  // Tensors of at least a quarter of a thread's share are split over the threads; the others are
+  // taken whole, one at a time, by whichever thread is free (no barrier, and a thread that the OS
+  // holds up does not hold up the other). Both lists run from the last tensor to the first.
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += a.numel[i];
+  const int64_t split_min = std::max(kSplitMin, total / (4 * int64_t(want)));
+  std::vector<int64_t> whole, split;
+  for (int64_t i = n - 1; i >= 0; --i) (want > 1 && a.numel[i] >= split_min ? split : whole).push_back(i);
+  std::vector<Sums<T>> part(static_cast<size_t>(n) * want);  // [tensor][thread]
+  const int64_t n_whole = static_cast<int64_t>(whole.size());
 
   auto finish = [&](int64_t i, const Sums<T>& s) -> T {
     const T w = T(std::sqrt(s.w));
@@ -343,67 +380,48 @@ void drive(const StepArgs& a, const K& k) {
 #pragma omp parallel num_threads(want)
   {
     const int tid = omp_get_thread_num();
-#pragma omp single
-    {
-      team = omp_get_num_threads();
-      part.assign(static_cast<size_t>(n) * team, Sums<T>());
-      small.assign(team, {});
-      std::vector<int64_t> load(team, 0);
-      for (int64_t i = n - 1; i >= 0; --i) {
-        if (a.numel[i] >= kSplitMin && team > 1) {
-          big.push_back(i);
-        } else {
-          const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-          small[t].push_back(i);
-          load[t] += a.numel[i] + 64;
-        }
+    const int team = omp_get_num_threads();
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t idx = 0; idx < n_whole; ++idx) {
+      const int64_t i = whole[idx];
+      if (a.stage == 2) {
+        k.pass2(i, 0, a.numel[i], r_io[i], nullptr);
+        continue;
       }
-    }  // implicit barrier: the plan is visible to every thread
-
-    for (const int64_t i : big) {
+      T* keep = K::kKeeps && a.stage == 0 && a.numel[i] <= kKeepMax ? thread_buffer<T>(a.numel[i]) : nullptr;
+      Sums<T>& mine = part[static_cast<size_t>(i) * want];
+      k.pass1(i, 0, a.numel[i], mine, keep);
+      if (a.stage == 0) k.pass2(i, 0, a.numel[i], finish(i, mine), keep);
+    }
+    for (const int64_t i : split) {
       int64_t lo, hi;
       split_range(a.numel[i], tid, team, lo, hi);
       if (a.stage == 2) {
-        k.pass2(i, lo, hi, r_io[i]);
+        k.pass2(i, lo, hi, r_io[i], nullptr);
         continue;
       }
-      Sums<T>& mine = part[static_cast<size_t>(i) * team + tid];
-      k.pass1(i, lo, hi, mine);
+      k.pass1(i, lo, hi, part[static_cast<size_t>(i) * want + tid], nullptr);
       if (a.stage == 1) continue;
 #pragma omp barrier
-      Sums<T> total;
+      Sums<T> sum;
       for (int t = 0; t < team; ++t) {
-        total.w += part[static_cast<size_t>(i) * team + t].w;
-        total.d += part[static_cast<size_t>(i) * team + t].d;
+        sum.w += part[static_cast<size_t>(i) * want + t].w;
+        sum.d += part[static_cast<size_t>(i) * want + t].d;
       }
-      T r;
-      if (tid == 0) {
-        r = finish(i, total);
-      } else {
-        r = k.ratio(i, T(std::sqrt(total.w)), T(std::sqrt(total.d)));
-      }
-      k.pass2(i, lo, hi, r);
-    }
-    for (const int64_t i : small[tid]) {
-      if (a.stage == 2) {
-        k.pass2(i, 0, a.numel[i], r_io[i]);
-        continue;
-      }
-      Sums<T>& mine = part[static_cast<size_t>(i) * team];
-      k.pass1(i, 0, a.numel[i], mine);
-      if (a.stage == 0) k.pass2(i, 0, a.numel[i], finish(i, mine));
+      const T r = tid == 0 ? finish(i, sum) : k.ratio(i, T(std::sqrt(sum.w)), T(std::sqrt(sum.d)));
+      k.pass2(i, lo, hi, r, nullptr);
     }
   }
 
   if (a.stage == 1) {
     for (int64_t i = 0; i < n; ++i) {
-      Sums<T> total;
-      for (int t = 0; t < team; ++t) {
-        total.w += part[static_cast<size_t>(i) * team + t].w;
-        total.d += part[static_cast<size_t>(i) * team + t].d;
+      Sums<T> sum;
+      for (int t = 0; t < want; ++t) {
+        sum.w += part[static_cast<size_t>(i) * want + t].w;
+        sum.d += part[static_cast<size_t>(i) * want + t].d;
       }
-      a.sq[i] = total.w;
-      a.sq[n + i] = total.d;
+      a.sq[i] = sum.w;
+      a.sq[n + i] = sum.d;
     }
   }
 }
@@ -430,10 +448,13 @@ void lamb_typed(const StepArgs& a) {
       k.bg = T(1.0 - a.beta2) / bc2;
     }
   }
-  switch (a.nesterov) {
-    case 0: drive<T>(a, Lamb<T, G, 0>(a, coef)); break;
-    case 1: drive<T>(a, Lamb<T, G, 1>(a, coef)); break;
-    default: drive<T>(a, Lamb<T, G, 2>(a, coef)); break;
+  switch (a.nesterov * 2 + (a.eps == 0.0 ? 1 : 0)) {
+    case 0: drive<T>(a, Lamb<T, G, 0, false>(a, coef)); break;
+    case 1: drive<T>(a, Lamb<T, G, 0, true>(a, coef)); break;
+    case 2: drive<T>(a, Lamb<T, G, 1, false>(a, coef)); break;
+    case 3: drive<T>(a, Lamb<T, G, 1, true>(a, coef)); break;
+    case 4: drive<T>(a, Lamb<T, G, 2, false>(a, coef)); break;
+    default: drive<T>(a, Lamb<T, G, 2, true>(a, coef)); break;
   }
 }
 
@@ -453,12 +474,18 @@ void lars_typed(const StepArgs& a) {
 // Finiteness of many tensors: no element of any has an all-ones exponent (inf or nan).
 template <typename U, U kMask>
 bool any_nonfinite(const void* data, int64_t lo, int64_t hi) {
+  // One core reads a single stream faster with software prefetches some kilobytes ahead.
+  constexpr int64_t kStep = 64 / sizeof(U), kAhead = 8192 / sizeof(U), kSub = 256;
   const U* __restrict p = static_cast<const U*>(data);
   for (int64_t j0 = lo; j0 < hi; j0 += 16 * kBlock) {
     const int64_t j1 = std::min(hi, j0 + 16 * kBlock);
     unsigned bad = 0;
+    for (int64_t s0 = j0; s0 < j1; s0 += kSub) {
+      const int64_t s1 = std::min(j1, s0 + kSub);
+      for (int64_t k = s0 + kAhead; k < std::min(s1 + kAhead, hi); k += kStep) __builtin_prefetch(p + k, 0, 3);
 #pragma omp simd reduction(| : bad)
-    for (int64_t j = j0; j < j1; ++j) bad |= static_cast<unsigned>((p[j] & kMask) == kMask);
+      for (int64_t j = s0; j < s1; ++j) bad |= static_cast<unsigned>((p[j] & kMask) == kMask);
+    }
     if (bad) return true;
   }
   return false;
