@@ -3,10 +3,12 @@
 // One call updates every tensor of a parameter bucket. Each tensor needs two passes, because its
 // trust ratio needs the norm of the whole update before any element may change:
 //   pass 1 updates the moments in place and accumulates ||x||^2 and ||u||^2,
-//   pass 2 recomputes u from the updated moments and writes x += scale * u.
-// Nothing of tensor size is stored between the passes. Without a cross-shard reduction both passes
-// of a tensor run back to back, so the second one reads from cache whatever still fits there; it
-// walks its range backwards to start with the data that pass 1 touched last.
+//   pass 2 applies x += scale * u.
+// LAMB's u costs a square root and a division per element. For a tensor taken whole by one thread
+// (see below), pass 1 leaves u in a per-thread buffer that pass 2 reads (the buffers in use are
+// bounded by a fifth of the bucket's elements); otherwise pass 2 recomputes u from the updated
+// moments. Without a cross-shard reduction both passes of a tensor run back to back, and pass 2
+// walks its range backwards, starting with the data that pass 1 touched last (still in cache).
 //
 // Tensors are processed last to first: a step usually follows a pass over the gradients in list
 // order (a finiteness check, a global norm), whose last tensors are then still in cache.
@@ -35,7 +37,7 @@ namespace {
 
 constexpr int64_t kSplitMin = 1 << 15;  // elements; below this a tensor is never split across threads
 constexpr int64_t kBlock = 4096;        // elements per partial sum and per backward step of pass 2
-constexpr int64_t kKeepMax = 1 << 22;   // LAMB: u of a whole tensor up to this size is kept for pass 2
+constexpr int64_t kKeepMax = 1 << 22;   // LAMB: u of a whole tensor up to this size may be kept for pass 2
 constexpr int64_t kAlign = 16;          // split points are multiples of this (one 64-byte line of floats)
 
 enum GradType { kGradSame = 0, kGradBF16 = 1, kGradF16 = 2 };
@@ -362,6 +364,8 @@ void drive(const StepArgs& a, const K& k) {
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) total += a.numel[i];
   const int64_t split_min = std::max(kSplitMin, total / (4 * int64_t(want)));
+  // The kept u of the tensors in flight take at most a fifth of the parameters' size.
+  const int64_t keep_max = std::min(kKeepMax, total / (5 * int64_t(want)));
   std::vector<int64_t> whole, split;
   for (int64_t i = n - 1; i >= 0; --i) (want > 1 && a.numel[i] >= split_min ? split : whole).push_back(i);
   std::vector<Sums<T>> part(static_cast<size_t>(n) * want);  // [tensor][thread]
@@ -388,7 +392,7 @@ void drive(const StepArgs& a, const K& k) {
         k.pass2(i, 0, a.numel[i], r_io[i], nullptr);
         continue;
       }
-      T* keep = K::kKeeps && a.stage == 0 && a.numel[i] <= kKeepMax ? thread_buffer<T>(a.numel[i]) : nullptr;
+      T* keep = K::kKeeps && a.stage == 0 && a.numel[i] <= keep_max ? thread_buffer<T>(a.numel[i]) : nullptr;
       Sums<T>& mine = part[static_cast<size_t>(i) * want];
       k.pass1(i, 0, a.numel[i], mine, keep);
       if (a.stage == 0) k.pass2(i, 0, a.numel[i], finish(i, mine), keep);
