@@ -70,7 +70,7 @@ def tiny(tmp_path_factory):
     config = root / "tiny.toml"
     config.write_text(TINY)
     db = root / "tiny.sqlite"
-    assert main(["sweep", str(config), "--db", str(db), "--no-progress"]) == 0
+    assert main(["sweep", str(config), "--db", str(db), "--no-progress", "--threads", "1"]) == 0
     with ResultStore(db) as store:
         first = {r.key: (r.attempts, r.finished_at, r.status) for r in store.runs()}
     return config, db, first
@@ -223,6 +223,15 @@ def test_parallel_workers(tmp_path):
     summary = run_sweep(spec, tmp_path / "par.sqlite", workers=2, threads=1, progress=False)
     assert summary.executed == 2 and summary.statuses == {"finished": 2}
     assert all(r.environment["torch_threads"] == 1 for r in _runs(tmp_path / "par.sqlite", "par"))
+
+
+def test_threads_option_is_restored(tmp_path):
+    before = torch.get_num_threads()
+    spec = SweepSpec.from_dict({"name": "thr", "task": "mnist-lenet", "task_options": {"train_subset": 64, "eval_subset": 32},
+                                "batch_sizes": [32], "evals": 1, "optimizers": [{"name": "adamw", "lr": 1e-3}]})  # fmt: skip
+    run_sweep(spec, tmp_path / "thr.sqlite", threads=1, progress=False)
+    assert _runs(tmp_path / "thr.sqlite", "thr")[0].environment["torch_threads"] == 1
+    assert torch.get_num_threads() == before
 
 
 def test_synthetic_layerwise_beats_sgd():

@@ -292,7 +292,7 @@ def noise_section(study: Study, plot_name: str | None) -> str:
         return ""
     unit = "sequences" if study.config.get("task", "").startswith("bert") else "examples"
     lines = ["### Gradient noise scale (McCandlish et al. 2018)", "",
-             "B_simple = tr(Sigma) / |G|^2, from the squared gradient norms at two batch sizes averaged over several "
+             "B_simple = tr(Σ) / ‖G‖², from the squared gradient norms at two batch sizes averaged over several "
              "batches before the ratio (appendix A.1), measured on the training objective at every eval point of "
              f"these runs. B_simple (in {unit}) predicts the critical batch size: well below it a bigger batch "
              "cuts the steps almost proportionally, well above it it buys little.", ""]  # fmt: skip
@@ -304,18 +304,27 @@ def noise_section(study: Study, plot_name: str | None) -> str:
                      f"{noise.get('batches')} big batches per point):")  # fmt: skip
         lines.append("")
         rows = [[f"{h['epoch']:.2f}", str(h["step"]), _fmt(h.get(study.metric)), f"{h['noise_grad_sq']:.3g}",
-                 f"{h['noise_trace']:.3g}", f"{h['noise_b_simple']:.0f}"] for h in pts]  # fmt: skip
-        lines.append(_table(["epoch", "step", study.metric, "|G|^2", "tr(Sigma)", "B_simple"], rows))
+                 f"{h['noise_trace']:.3g}", f"{h['noise_b_simple']:.0f}" if h["noise_grad_sq"] > 0 else "inf (‖G‖² estimate <= 0)"]
+                for h in pts]  # fmt: skip
+        lines.append(_table(["epoch", "step", study.metric, "‖G‖² (estimate)", "tr(Σ) (estimate)", "B_simple"], rows))
         lines.append("")
-        finite = [h["noise_b_simple"] for h in pts if math.isfinite(h["noise_b_simple"]) and h["noise_b_simple"] > 0]
+        # The final point comes after the LR has decayed to 0: there ‖G‖² -> 0 and B_simple overstates
+        # the batch size that pays off during training, so the prediction uses the points before it.
+        during = pts[:-1] if len(pts) > 1 else pts
+        finite = [h["noise_b_simple"] for h in during if h["noise_grad_sq"] > 0 and math.isfinite(h["noise_b_simple"])]
         if finite:
-            predictions.append((r, finite[-1], min(finite), max(finite)))
+            predictions.append((r, statistics.median(finite), min(finite), max(finite), pts[-1]["noise_b_simple"]))
     if predictions:
         lines.append("**Predicted vs measured.**")
         lines.append("")
-        for r, last, lo, hi in predictions:
-            lines.append(f"- predicted critical batch from {r.label} at B={r.batch_size}: B_simple = {last:.0f} at the end "
-                         f"of training ({lo:.0f} .. {hi:.0f} over training).")  # fmt: skip
+        predictions.sort(key=lambda p: p[0].batch_size)
+        r, med, lo, hi, last = predictions[0]
+        lines.append(f"- prediction, from the smallest-batch run ({r.label}, B={r.batch_size}): B_crit ≈ B_simple = "
+                     f"{med:.0f} (median over the eval points before the last; range {lo:.0f} .. {hi:.0f}). At the last "
+                     f"point, after the LR has decayed to 0, B_simple = {last:.0f}: ‖G‖² is then nearly 0, so that value "
+                     "says little about which batch pays off during training.")  # fmt: skip
+        for r, med, lo, hi, last in predictions[1:]:
+            lines.append(f"- along the B={r.batch_size} run ({r.label}): median {med:.0f} (range {lo:.0f} .. {hi:.0f}) before the last point.")
         for setting in ("untuned", "tuned"):
             for label, (holds, miss) in falloff(study, setting).items():
                 desc = (f"holds the target up to B={holds}" if holds else "misses the target already at the smallest batch above B0")
@@ -363,20 +372,29 @@ def _colors(n: int):
 
 
 def plot_accuracy_vs_batch(study: Study, path: Path) -> None:
+    """Two panels: every value, and a zoom on the best ones (a collapsed run would flatten the rest)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for color, label in zip(_colors(len(study.labels)), study.labels):
-        for setting, style in (("tuned", "-"), ("untuned", "--")):
-            pts = [(b, g.value) for b in study.batches if (g := study.cell(label, b, setting)) and math.isfinite(g.value)]
-            if pts:
-                x, y = zip(*pts)
-                ax.plot(x, y, style, marker="o", ms=4, color=color, label=f"{label} ({setting})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(f"final {study.metric}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{study.name}: {study.metric} vs batch size (same epochs)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    values = []
+    for ax in axes:
+        for color, label in zip(_colors(len(study.labels)), study.labels):
+            for setting, style in (("tuned", "-"), ("untuned", "--")):
+                pts = [(b, g.value) for b in study.batches if (g := study.cell(label, b, setting)) and math.isfinite(g.value)]
+                if pts:
+                    x, y = zip(*pts)
+                    values += y
+                    ax.plot(x, y, style, marker="o", ms=4, color=color, label=f"{label} ({setting})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"final {study.metric}")
+        ax.grid(alpha=0.3)
+    if values:
+        top = max(values)
+        span = max(0.02, 0.1 * abs(top))
+        axes[1].set_ylim(top - span, top + 0.1 * span)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set_title(f"{study.name}: {study.metric} vs batch size (same epochs)", fontsize=10)
+    axes[1].set_title("zoom on the best values", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -485,15 +503,18 @@ def plot_noise(study: Study, path: Path) -> bool:
         if pts:
             ax.plot(*zip(*pts), marker="o", color=color, label=f"B_simple ({r.label}, B={r.batch_size})")
     for setting, style in (("untuned", ":"), ("tuned", "--")):
+        misses: dict[int, list[str]] = defaultdict(list)
         for label, (holds, miss) in falloff(study, setting).items():
             if miss:
-                ax.axhline(miss, ls=style, lw=1, color="gray")
-                ax.annotate(f"{label} ({setting}) misses target at B={miss}", (0, miss), fontsize=6, va="bottom")
+                misses[miss].append(label)
+        for miss, labels in sorted(misses.items()):
+            ax.axhline(miss, ls=style, lw=1.2, color="gray" if setting == "untuned" else "black",
+                       label=f"first batch below target, {setting}: B={miss} ({', '.join(labels)})")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("batch size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     ax.set_title("gradient noise scale vs measured fall-off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -630,14 +651,17 @@ def sweep_section(study: Study, out_dir: Path, prefix: str = "") -> str:
     lines = [f"## Sweep `{study.name}`", ""]
     if c.get("description"):
         lines += [c["description"].strip(), ""]
+    run_sum = sum(r.wall_time or 0.0 for r in {r.key: r for r in study.runs}.values())
+    shared = " (runs shared with another sweep in the same database ran, and were timed, there)" if run_sum > 1.05 * total else ""
     lines += [
         f"- hardware: {_hardware(study.invocations, study.runs)}",
-        f"- time: {_duration(total)} over {len(study.invocations)} invocation(s); runs: "
-        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        f"- time: {_duration(total)} over {len(study.invocations)} invocation(s) of this sweep; the runs' own wall "
+        f"times sum to {_duration(run_sum)}{shared}; runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
         f"- code: largebatch {study.invocations[-1]['code_version'].get('package') if study.invocations else '?'}, commit {', '.join(commits) or '?'}",
         "- commands:", "",
     ]  # fmt: skip
-    lines += ["```"] + [i["command"] for i in study.invocations] + ["```", ""]
+    lines += ["```"] + [f"{i['command']}    # {i.get('runs_executed') or 0} run(s) executed, {i.get('wall_time') or 0:.0f} s"
+                        for i in study.invocations] + ["```", ""]  # fmt: skip
     lines += ["### Protocol", "", _protocol(study), ""]
     if c.get("notes"):
         lines += ["### Reduced versus the paper", "", c["notes"].strip(), ""]
@@ -668,7 +692,9 @@ def sweep_section(study: Study, out_dir: Path, prefix: str = "") -> str:
                   "Steps to target: the first eval point at or above it. Speedup (steps) = steps to target at B0 / at B "
                   "(ideal B/B0); scaling efficiency = speedup / (B/B0). Wall speedup: wall time at B0 / at B on this "
                   "machine (one device, so this is the throughput gain of bigger batches, not a parallel speedup; "
-                  "the machine is shared, so wall times are noisy).", ""]  # fmt: skip
+                  "the machine is shared, so wall times are noisy). With a schedule that decays to 0 most runs reach "
+                  "their best value only at the end, so for a batch that holds the target the speedup is close to "
+                  "the ratio of step counts; efficiencies above 100% come from the coarse eval points.", ""]  # fmt: skip
         for setting in ("untuned", "tuned"):
             lines += [f"**{setting.capitalize()}:**", "", scaling_table(study, setting), ""]
     noise = noise_section(study, plots.get("noise_scale"))

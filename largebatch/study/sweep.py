@@ -328,6 +328,7 @@ def execute_run(spec: dict[str, Any], out_dir: str, progress: bool = False, thre
     from largebatch.train.loop import TrainConfig, fit
     from largebatch.train.tasks import get_task
 
+    previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     outcome: dict[str, Any] = {"environment": environment(), "code_version": code_version()}
@@ -367,6 +368,8 @@ def execute_run(spec: dict[str, Any], out_dir: str, progress: bool = False, thre
                        wall_time=result.wall_time)  # fmt: skip
     except Exception:  # a run's own failure is data, not a reason to stop the sweep
         outcome.update(status="failed", error=traceback.format_exc())
+    finally:
+        torch.set_num_threads(previous_threads)  # this process may go on with other work
     return outcome
 
 
