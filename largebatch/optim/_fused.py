@@ -2,27 +2,29 @@
 
 A layer-wise step needs each tensor's update norm before the tensor may change, so it is done in
 two passes per tensor: pass 1 updates the moments and accumulates ||x||^2 and ||u||^2, pass 2
-recomputes the update ``u`` from the new moments and applies ``x += -lr * ratio * u``. That reads
-and writes about 40 bytes per float32 parameter (LAMB), against 28 for an Adam step, and needs no
-temporaries of tensor size.
+applies ``x += -lr * ratio * u``. That moves about 40 bytes per float32 parameter (LAMB), against
+28 for an Adam step.
 
 Two backends implement the same passes with the semantics of ``_multi_tensor_lamb`` and
 ``_multi_tensor_lars`` (skipping with ``ok``, ``grad_scale``, one ``reduce`` call per step):
 
-* CPU: ``csrc/layerwise_step.cpp``, a vectorised OpenMP loop compiled on first use with the system
-  C++ compiler into a per-machine cache (``$LARGEBATCH_CACHE_DIR``, default
-  ``~/.cache/largebatch``) and called through ctypes. Without a reduction, both passes of a tensor
-  run back to back, so the second one reads from cache what still fits there. The ``ok`` flag and
+* CPU: ``csrc/layerwise_step.cpp``, a vectorised OpenMP loop called through ctypes. It is compiled
+  with the system C++ compiler on first use, one small build per optimizer and dtype (a few
+  seconds, once per machine), into ``$LARGEBATCH_CACHE_DIR`` (default ``~/.cache/largebatch``).
+  Without a reduction both passes of a tensor run back to back; the ``ok`` flag and
   ``grad_scale`` of CPU tensors are read on the host, which costs no device synchronisation.
-  Set ``LARGEBATCH_FUSED_CPU=0`` to never build or use it.
+  ``LARGEBATCH_FUSED_CPU=0`` turns it off; ``CXX`` chooses the compiler.
 * Any other device, and CPU under ``torch.compile``: the passes written once as torch functions
   (``_lamb_pass1`` ...), compiled per tensor with ``torch.compile`` (Inductor emits Triton on GPUs)
   or traced into the caller's graph. Every per-tensor scalar stays in a tensor: no host sync.
 
-Where neither backend applies (a compiler is missing, non-contiguous CPU tensors, 16-bit
-parameters without master weights), ``fused_available`` answers False and the optimizers use the
-multi-tensor path; a call that still reaches ``fused_lamb``/``fused_lars`` with CPU tensors the
-kernel cannot take falls back to that path too.
+Where neither backend applies (no compiler, non-contiguous CPU tensors, 16-bit parameters without
+master weights), ``fused_available`` answers False and the optimizers use the multi-tensor path;
+a call that still reaches ``fused_lamb``/``fused_lars`` with CPU tensors the kernel cannot take
+(e.g. after a failed build) falls back to that path too.
+
+``fused_all_finite`` is the non-finite check of ``nonfinite="skip"`` for CPU gradients in one
+pass at memory speed.
 """
 
 from __future__ import annotations

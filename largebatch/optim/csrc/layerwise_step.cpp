@@ -4,9 +4,9 @@
 // trust ratio needs the norm of the whole update before any element may change:
 //   pass 1 updates the moments in place and accumulates ||x||^2 and ||u||^2,
 //   pass 2 applies x += scale * u.
-// LAMB's u costs a square root and a division per element. For a tensor taken whole by one thread
-// (see below), pass 1 leaves u in a per-thread buffer that pass 2 reads (the buffers in use are
-// bounded by a fifth of the bucket's elements); otherwise pass 2 recomputes u from the updated
+// LAMB's u costs a square root and a division per element. Pass 1 leaves the u of the last
+// elements of each thread's range in a per-thread buffer that pass 2 reads (the buffers in use take
+// at most a fifth of the bucket's size); for the other elements pass 2 recomputes u from the updated
 // moments. Without a cross-shard reduction both passes of a tensor run back to back, and pass 2
 // walks its range backwards, starting with the data that pass 1 touched last (still in cache).
 //
@@ -37,7 +37,7 @@ namespace {
 
 constexpr int64_t kSplitMin = 1 << 15;  // elements; below this a tensor is never split across threads
 constexpr int64_t kBlock = 4096;        // elements per partial sum and per backward step of pass 2
-constexpr int64_t kKeepMax = 1 << 22;   // LAMB: u of a whole tensor up to this size may be kept for pass 2
+constexpr int64_t kKeepMax = 1 << 22;   // LAMB: at most this many elements of u per thread are kept for pass 2
 constexpr int64_t kAlign = 16;          // split points are multiples of this (one 64-byte line of floats)
 
 enum GradType { kGradSame = 0, kGradBF16 = 1, kGradF16 = 2 };
@@ -186,7 +186,7 @@ struct Lamb {
         v[j] = vj;
         const T xj = x[j];
         const T u = direction(mj, vj, gj, xj, k, eps, wd);
-        if (KEEP) keep[j] = u;
+        if (KEEP) keep[j - lo] = u;
         sw += xj * xj;
         su += u * u;
       }
@@ -202,7 +202,7 @@ struct Lamb {
       for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
         const int64_t j0 = std::max(lo, j1 - kBlock);
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) x[j] = x[j] + keep[j] * scale;
+        for (int64_t j = j0; j < j1; ++j) x[j] = x[j] + keep[j - lo] * scale;
       }
       return;
     }
@@ -364,7 +364,7 @@ void drive(const StepArgs& a, const K& k) {
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) total += a.numel[i];
   const int64_t split_min = std::max(kSplitMin, total / (4 * int64_t(want)));
-  // The kept u of the tensors in flight take at most a fifth of the parameters' size.
+  // The kept u of the ranges in flight take at most a fifth of the parameters' size.
   const int64_t keep_max = std::min(kKeepMax, total / (5 * int64_t(want)));
   std::vector<int64_t> whole, split;
   for (int64_t i = n - 1; i >= 0; --i) (want > 1 && a.numel[i] >= split_min ? split : whole).push_back(i);
@@ -381,6 +381,18 @@ void drive(const StepArgs& a, const K& k) {
     return r;
   };
 
+  // Both passes over [lo, hi); ratio_of_sums() is called between them. The last keep_max elements
+  // keep their u for pass 2 (which starts with them), the others recompute it.
+  auto both_passes = [&](int64_t i, int64_t lo, int64_t hi, Sums<T>& sums, auto ratio_of_sums) {
+    const int64_t mid = K::kKeeps ? std::max(lo, hi - keep_max) : hi;
+    T* keep = mid < hi ? thread_buffer<T>(hi - mid) : nullptr;
+    k.pass1(i, lo, mid, sums, nullptr);
+    if (keep != nullptr) k.pass1(i, mid, hi, sums, keep);
+    const T r = ratio_of_sums();
+    if (keep != nullptr) k.pass2(i, mid, hi, r, keep);
+    k.pass2(i, lo, mid, r, nullptr);
+  };
+
 #pragma omp parallel num_threads(want)
   {
     const int tid = omp_get_thread_num();
@@ -392,10 +404,12 @@ void drive(const StepArgs& a, const K& k) {
         k.pass2(i, 0, a.numel[i], r_io[i], nullptr);
         continue;
       }
-      T* keep = K::kKeeps && a.stage == 0 && a.numel[i] <= keep_max ? thread_buffer<T>(a.numel[i]) : nullptr;
       Sums<T>& mine = part[static_cast<size_t>(i) * want];
-      k.pass1(i, 0, a.numel[i], mine, keep);
-      if (a.stage == 0) k.pass2(i, 0, a.numel[i], finish(i, mine), keep);
+      if (a.stage == 1) {
+        k.pass1(i, 0, a.numel[i], mine, nullptr);
+      } else {
+        both_passes(i, 0, a.numel[i], mine, [&] { return finish(i, mine); });
+      }
     }
     for (const int64_t i : split) {
       int64_t lo, hi;
@@ -404,16 +418,20 @@ void drive(const StepArgs& a, const K& k) {
         k.pass2(i, lo, hi, r_io[i], nullptr);
         continue;
       }
-      k.pass1(i, lo, hi, part[static_cast<size_t>(i) * want + tid], nullptr);
-      if (a.stage == 1) continue;
-#pragma omp barrier
-      Sums<T> sum;
-      for (int t = 0; t < team; ++t) {
-        sum.w += part[static_cast<size_t>(i) * want + t].w;
-        sum.d += part[static_cast<size_t>(i) * want + t].d;
+      Sums<T>& mine = part[static_cast<size_t>(i) * want + tid];
+      if (a.stage == 1) {
+        k.pass1(i, lo, hi, mine, nullptr);
+        continue;
       }
-      const T r = tid == 0 ? finish(i, sum) : k.ratio(i, T(std::sqrt(sum.w)), T(std::sqrt(sum.d)));
-      k.pass2(i, lo, hi, r, nullptr);
+      both_passes(i, lo, hi, mine, [&] {
+#pragma omp barrier
+        Sums<T> sum;
+        for (int t = 0; t < team; ++t) {
+          sum.w += part[static_cast<size_t>(i) * want + t].w;
+          sum.d += part[static_cast<size_t>(i) * want + t].d;
+        }
+        return tid == 0 ? finish(i, sum) : k.ratio(i, T(std::sqrt(sum.w)), T(std::sqrt(sum.d)));
+      });
     }
   }
 
