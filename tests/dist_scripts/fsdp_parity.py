@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
 from largebatch import Lamb, Lars, param_groups
-from largebatch.distributed import ShardNormReducer, cleanup, init_from_env, shard_indices, zero_norm_reducer
+from largebatch.distributed import cleanup, init_from_env, shard_indices, zero_norm_reducer
 
 CLIP = dict(max_grad_norm=0.05)  # below the initial gradient norm (~0.5): clipping is active
 # fused=None (default) takes the fused kernel where the machine has one; fused=False the multi-tensor path
