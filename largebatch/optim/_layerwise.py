@@ -55,7 +55,8 @@ class LayerwiseOptimizer(Optimizer):
             raise ValueError(f"Invalid fused: {fused!r}; allowed values are None (auto), True, False")
         if fused and foreach is False:
             raise ValueError("fused=True and foreach=False contradict each other; choose one path")
-        super().__init__(params, defaults)
+        self._check_group(defaults)
+        super().__init__(params, defaults)  # validates every group through add_param_group
         self.fused = fused
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
@@ -86,7 +87,16 @@ class LayerwiseOptimizer(Optimizer):
                 if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
                     self.state[p][k] = v.to(device=p.device, dtype=compute_dtype(p), copy=True)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's add_param_group, then the group (defaults filled in) is validated."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
     # -- per-subclass hooks -------------------------------------------------------------------
+    @staticmethod
+    def _check_group(group: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _init_state(self, p: Tensor, state: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -128,7 +128,6 @@ class Lamb(LayerwiseOptimizer):
             trust_clip=trust_clip,
             nesterov=nesterov,
         )
-        self._check_group(defaults)
         super().__init__(
             params,
             defaults,
@@ -139,8 +138,6 @@ class Lamb(LayerwiseOptimizer):
             master_weights=master_weights,
             norm_reducer=norm_reducer,
         )
-        for group in self.param_groups:
-            self._check_group(group)
 
     @staticmethod
     def _check_group(group: dict) -> None:
@@ -153,11 +150,6 @@ class Lamb(LayerwiseOptimizer):
         for flag in ("bias_correction", "adapt", "trust_clip"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "telemetry"):  # groups added after construction are validated too
-            self._check_group(self.param_groups[-1])
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         dt = compute_dtype(p)

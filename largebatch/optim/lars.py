@@ -107,7 +107,6 @@ class Lars(LayerwiseOptimizer):
             phi=phi,
             adapt=adapt,
         )
-        self._check_group(defaults)
         super().__init__(
             params,
             defaults,
@@ -118,8 +117,6 @@ class Lars(LayerwiseOptimizer):
             master_weights=master_weights,
             norm_reducer=norm_reducer,
         )
-        for group in self.param_groups:
-            self._check_group(group)
 
     @staticmethod
     def _check_group(group: dict) -> None:
@@ -137,11 +134,6 @@ class Lars(LayerwiseOptimizer):
         for flag in ("nesterov", "clip", "adapt"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "telemetry"):
-            self._check_group(self.param_groups[-1])
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         state["momentum_buffer"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)

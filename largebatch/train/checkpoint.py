@@ -26,6 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a plain file would be readable by others
         os.replace(tmp, path)
     except BaseException:
         try:

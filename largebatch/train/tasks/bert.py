@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,6 +54,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
+from ..checkpoint import atomic_write_bytes
 from ..data import cache_dir, default_data_dir, load_text_corpus
 from ..task import Batch, Task
 from .common import check_split, subset_size
@@ -121,25 +121,6 @@ def _hash_texts(works: list[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(file)`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache entries are shareable
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and token streams
 
@@ -176,7 +157,7 @@ def load_or_train_tokenizer(train_works: list[tuple[str, str]], vocab_size: int,
         except Exception:  # unreadable cache entry: rebuild it
             pass
     tokenizer = train_wordpiece((text for _, text in train_works), vocab_size)
-    _atomic_write(path, lambda f: f.write(tokenizer.to_str().encode("utf-8")))
+    atomic_write_bytes(path, lambda f: f.write(tokenizer.to_str().encode("utf-8")))
     return tokenizer, path
 
 
@@ -213,7 +194,7 @@ def load_or_encode_streams(
             pass
     streams = {k: encode_works(tokenizer, works) for k, works in splits.items()}
     dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
-    _atomic_write(path, lambda f: np.savez(f, **{k: v.astype(dtype) for k, v in streams.items()}))
+    atomic_write_bytes(path, lambda f: np.savez(f, **{k: v.astype(dtype) for k, v in streams.items()}))
     return streams, path
 
 
