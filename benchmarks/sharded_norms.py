@@ -1,8 +1,8 @@
 """Optimizer-step time and collectives per step of Lamb on FSDP2-sharded parameters.
 
-Claim: running the multi-tensor step on the local shards with ONE all-reduce of the squared sums
-per parameter group is exact and faster than DTensor ops (one collective per norm) and than a
-per-tensor reduction (one collective per tensor).
+Claim: running the step on the local shards with ONE all-reduce of the squared sums of every tensor
+of every parameter group per step is exact and faster than DTensor ops and than a per-tensor
+reduction (one collective per tensor).
 
 Run (2 gloo processes on CPU):
     torchrun --standalone --nproc-per-node 2 benchmarks/sharded_norms.py --hidden 128 --layers 12
@@ -58,18 +58,19 @@ class DTensorLamb(Lamb):
     """The naive path: the same multi-tensor LAMB run on the DTensors themselves (DTensor ops:
     every norm is a DTensor reduction with its own collective), as torch.optim does under FSDP2."""
 
-    def _step_group(self, group, params, grads, states, ok, grad_scale):
+    def _group_updates(self, group, params, grads, states, ok, grad_scale):
         beta1, beta2 = group["betas"]
-        lamb_functional(
+        norms = lamb_functional(
             params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], adapt=group["adapt"], foreach=True,
         )  # fmt: skip
+        return [(params, params, params, norms)]
 
 
 class PerTensorReducer:
-    """One all-reduce per tensor (its weight and update sums together): the per-tensor reduction
-    of a step that otherwise runs the same multi-tensor code on local shards."""
+    """One all-reduce per tensor (two squared sums each): the per-tensor reduction of a step that
+    otherwise runs the same multi-tensor code on local shards."""
 
     def __call__(self, sq):
         n = sq.numel() // 2
@@ -85,7 +86,7 @@ COMMON = dict(lr=1e-3, weight_decay=0.01, nonfinite="none")
 # The first three and the DTensor path run the same multi-tensor (foreach) LAMB and differ only in
 # how the norms are made whole; the last row adds the fused kernel where the machine has one.
 PATHS = {
-    "batched (largebatch, 1 all-reduce per group)": lambda groups: Lamb(groups, fused=False, **COMMON),
+    "batched (largebatch, 1 all-reduce per step)": lambda groups: Lamb(groups, fused=False, **COMMON),
     "multi-tensor, 1 all-reduce per tensor": lambda groups: Lamb(groups, fused=False, norm_reducer=PerTensorReducer(), **COMMON),
     "local norms only (no reduction: wrong, the floor)": lambda groups: Lamb(
         groups, fused=False, norm_reducer=lambda sq: sq, **COMMON

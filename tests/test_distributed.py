@@ -84,8 +84,9 @@ def ddp(tmp_path_factory):
 @multiprocess
 @pytest.mark.parametrize(
     "case",
-    ["lamb", "lamb_multi_tensor", "lamb_nesterov_no_clip", "lamb_reference_path", "lars_paper", "lars_paper_multi_tensor",
-     "lars_classic", "lars_classic_multi_tensor", "lamb_hsdp_mesh"],
+    ["lamb", "lamb_multi_tensor", "lamb_nesterov_no_clip", "lamb_nonfinite_none", "lamb_reference_path", "lars_paper",
+     "lars_paper_multi_tensor", "lars_paper_nonfinite_none", "lars_classic", "lars_classic_multi_tensor",
+     "lamb_hsdp_mesh"],
 )  # fmt: skip
 def test_fsdp2_matches_single_process(fsdp, case):
     r = fsdp[case]
@@ -127,16 +128,15 @@ def test_fsdp2_local_shard_norms_differ(fsdp):
 def test_fsdp2_collectives_per_step(fsdp):
     groups, tensors = fsdp["lamb"]["n_groups"], fsdp["lamb"]["n_tensors"]
     assert (groups, tensors) == (2, 8)
-    # one all-reduce per group for the norms + one for the global grad norm (max_grad_norm)
-    assert set(fsdp["lamb"]["comms_per_step"]) == {groups + 1}
-    assert set(fsdp["lamb_multi_tensor"]["comms_per_step"]) == {groups + 1}
-    assert set(fsdp["lars_paper_multi_tensor"]["comms_per_step"]) == {groups + 1}
-    assert set(fsdp["lars_paper"]["comms_per_step"]) == {groups + 1}
-    assert set(fsdp["lars_classic"]["comms_per_step"]) == {groups + 1}
-    # without max_grad_norm: one per group + one for the non-finite flags of all groups together
-    assert set(fsdp["lamb_nesterov_no_clip"]["comms_per_step"]) == {groups + 1}
-    # the single-tensor reference path reduces per tensor
-    assert set(fsdp["lamb_reference_path"]["comms_per_step"]) == {tensors + 1}
+    # ONE all-reduce for the weight and update norms of every tensor of every group ...
+    assert set(fsdp["lamb_nonfinite_none"]["comms_per_step"]) == {1}
+    assert set(fsdp["lars_paper_nonfinite_none"]["comms_per_step"]) == {1}
+    # ... and, before it, one for the global gradient norm (max_grad_norm) or, without clipping, for
+    # the non-finite flags of all groups (nonfinite="skip", the default): every path (fused,
+    # multi-tensor, the single-tensor reference), every mode
+    for case in ("lamb", "lamb_multi_tensor", "lamb_reference_path", "lars_paper", "lars_paper_multi_tensor",
+                 "lars_classic", "lars_classic_multi_tensor", "lamb_nesterov_no_clip"):  # fmt: skip
+        assert set(fsdp[case]["comms_per_step"]) == {2}, case
 
 
 @multiprocess
@@ -203,7 +203,7 @@ def test_flat_layout_has_a_tensor_straddling_the_shard_boundary(flat):
 @pytest.mark.parametrize("case", ["lamb", "lars_paper"])
 def test_flat_shard_optimizer_matches_single_process(flat, case):
     assert flat[case]["param_diff"] <= EXACT
-    assert set(flat[case]["comms_per_step"]) == {3}  # 2 groups + the grad norm
+    assert set(flat[case]["comms_per_step"]) == {2}  # the grad norm, then the norms of both groups
 
 
 @multiprocess
@@ -321,10 +321,11 @@ def _two_group_model():
 @pytest.mark.parametrize(
     "kwargs, per_tensor, totals",
     [
-        (dict(max_grad_norm=1.0), 2, 1),  # grad norm: one total; its finiteness is the skip flag
-        (dict(nonfinite="skip"), 2, 1),  # the flags of both groups in one call
-        (dict(nonfinite="none"), 2, 0),
-        (dict(nonfinite="none", foreach=False), 4, 0),  # the reference path: one call per tensor
+        (dict(max_grad_norm=1.0), 1, 1),  # grad norm: one total; its finiteness is the skip flag
+        (dict(nonfinite="skip"), 1, 1),  # the flags of both groups in one call
+        (dict(nonfinite="none"), 1, 0),  # the norms of both groups in one call
+        (dict(nonfinite="none", foreach=False), 1, 0),  # the reference path too
+        (dict(nonfinite="none", fused=False), 1, 0),  # the multi-tensor path
     ],
 )
 @pytest.mark.parametrize("cls", [Lamb, Lars])
@@ -343,7 +344,7 @@ def test_plain_reducer_without_reduce_totals_is_used_for_totals_too():
     opt = Lamb(groups, lr=0.01, max_grad_norm=1.0, norm_reducer=lambda sq: calls.append(sq.numel()) or sq)
     model(torch.randn(5, 4, dtype=torch.float64)).square().sum().backward()
     opt.step()
-    assert calls == [1, 4, 4]  # the grad norm, then [w; u] of 2 tensors per group
+    assert calls == [1, 8]  # the grad norm, then [w; u] of the 2 tensors of each of the 2 groups
 
 
 def test_identity_reducers_change_nothing():
@@ -423,3 +424,26 @@ def test_flat_shard_pieces_write_through_and_take_gradients():
     assert not torch.equal(local, torch.arange(3, dtype=torch.float64))  # the update reached the buffer
     with pytest.raises(ValueError, match="gradient slice of shape"):
         shard.attach_grad(torch.ones(4))
+
+
+def test_groups_of_different_dtypes_share_one_reducer_call():
+    """run_together concatenates the requests of all groups (float32 and float64 here) into one
+    call and hands each group its slice back in its own dtype."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(3, 2).double()
+    sizes = []
+    opt = Lamb([{"params": a.parameters()}, {"params": b.parameters()}], lr=0.01, weight_decay=0.1,
+               nonfinite="none", norm_reducer=lambda sq: sizes.append((sq.numel(), sq.dtype)) or sq)  # fmt: skip
+    ref_a, ref_b = nn.Linear(4, 3), nn.Linear(3, 2).double()
+    ref_a.load_state_dict(a.state_dict())
+    ref_b.load_state_dict(b.state_dict())
+    ref = Lamb([{"params": ref_a.parameters()}, {"params": ref_b.parameters()}], lr=0.01, weight_decay=0.1, nonfinite="none")
+    x = torch.randn(5, 4)
+    for m, n in ((a, b), (ref_a, ref_b)):
+        n(m(x).double()).square().sum().backward()
+    opt.step()
+    ref.step()
+    assert sizes == [(8, torch.float64)]  # 2 tensors x (w, u) x 2 groups, promoted to float64
+    assert opt.state[a.weight]["exp_avg"].dtype == torch.float32
+    for p, q in zip([*a.parameters(), *b.parameters()], [*ref_a.parameters(), *ref_b.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # sqrt(norm^2) vs norm: float32 rounding

@@ -13,6 +13,7 @@ from conftest import clone_params, set_grads
 
 from largebatch import Lamb, Lars
 from largebatch.optim import _fused
+from largebatch.optim._common import run
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: dict(rtol=1e-5, atol=1e-6), F64: dict(rtol=1e-12, atol=1e-14)}
@@ -156,17 +157,17 @@ def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
     scale = torch.ones((), device=meta)
     like = lambda: [torch.empty_like(x) for x in xs]  # noqa: E731
     steps = [torch.zeros((), device=meta) for _ in xs]
-    w, u, r = _fused.fused_lamb(
+    w, u, r = run(_fused.fused_lamb(
         xs, like(), like(), like(), steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
         bias_correction=True, adapt=True, phi=None, trust_clip=False, nesterov="both", ok=ok,
         grad_scale=scale, reduce=lambda t: t,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert w.device == meta and w.shape == (len(xs),)
     for mode in ("paper", "classic"):
-        _fused.fused_lars(
+        run(_fused.fused_lars(
             xs, like(), like(), lr=0.1, momentum=0.9, weight_decay=0.01, trust_coefficient=1.0, eps=0.0,
             nesterov=True, mode=mode, clip=True, phi=None, adapt=True, ok=ok, grad_scale=scale, reduce=None,
-        )  # fmt: skip
+        ))  # fmt: skip
     # on a GPU the passes are compiled (lazily: nothing is compiled until called)
     compiled = _fused._pass("_lamb_pass1", torch.device("cuda"))
     assert compiled is not _fused._lamb_pass1

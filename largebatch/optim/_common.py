@@ -115,18 +115,61 @@ def trust_ratio(
     return ratio
 
 
-def layer_norms(xs: list[Tensor], us: list[Tensor], reduce: SquaredSumReducer | None) -> tuple[Tensor, Tensor]:
-    """(||x_i||, ||u_i||) for each tensor i, as two 1-d tensors.
+class Pending:
+    """A step paused until the global squared sums ``reduce(sums)`` are known; ``then(global_sums)``
+    continues it (returning its result, or another Pending). See :func:`run_together`."""
 
-    With a ``reduce`` (sharded parameters), the local squared sums of all tensors go through ONE
-    call of ``reduce`` (one collective), and the norms are the square roots of the global sums.
+    __slots__ = ("reduce", "sums", "then")
+
+    def __init__(self, reduce: SquaredSumReducer, sums: Tensor, then: Callable[[Tensor], object]) -> None:
+        self.reduce, self.sums, self.then = reduce, sums, then
+
+
+def with_global_sums(reduce: SquaredSumReducer | None, sums: Tensor, then: Callable[[Tensor], object]):
+    """``then(sums)`` at once when nothing is sharded (``reduce`` None), else a :class:`Pending`."""
+    return then(sums) if reduce is None else Pending(reduce, sums, then)
+
+
+def with_layer_norms(xs: list[Tensor], us: list[Tensor], reduce: SquaredSumReducer | None, then: Callable):
+    """``then(w, u)`` with w_i = ||x_i||, u_i = ||u_i|| (two 1-d tensors), for each tensor i.
+
+    With a ``reduce`` (sharded parameters) the local squared sums of all tensors make ONE request,
+    answered with the global sums (one collective, shared with the other groups' requests by
+    :func:`run_together`), and the norms are their square roots.
     """
     w = torch.stack(torch._foreach_norm(xs))
     u = torch.stack(torch._foreach_norm(us))
     if reduce is None:
-        return w, u
-    sq = reduce(torch.cat([w, u]).square())
-    return sq.sqrt().chunk(2)
+        return then(w, u)
+    return Pending(reduce, torch.cat([w, u]).square(), lambda sq: then(*sq.sqrt().chunk(2)))
+
+
+def run(step):
+    """The result of one step (a result, or a :class:`Pending` answered by its own reducer)."""
+    return run_together([step])[0]
+
+
+def run_together(steps: list) -> list:
+    """Finish several steps (e.g. one per parameter group), answering their requests in rounds.
+
+    Each round, the :class:`Pending` requests that share a reducer and a device are concatenated
+    and answered by ONE call of that reducer (one collective for all of them), each step getting its
+    own slice back in the dtype it asked in. Fast paths ask once per step, so a whole optimizer step
+    costs one collective. Returns each step's result.
+    """
+    steps = list(steps)
+    while True:
+        batches: dict[tuple, list[int]] = {}
+        for i, step in enumerate(steps):
+            if isinstance(step, Pending):
+                batches.setdefault((id(step.reduce), step.sums.device), []).append(i)
+        if not batches:
+            return steps
+        for indices in batches.values():
+            parts = [steps[i].sums for i in indices]
+            total = steps[indices[0]].reduce(torch.cat(parts))  # cat promotes to the widest dtype asked for
+            for i, part, got in zip(indices, parts, total.split([p.numel() for p in parts])):
+                steps[i] = steps[i].then(got.to(part.dtype))
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:

@@ -359,23 +359,27 @@ def fused_lamb(
     if reduce is None:
         _run_cpu(lib, args)
         return w_norm, u_norm, ratio
-    return _cpu_two_stage(args, lib, n, dt, reduce, lambda w, u: _lamb_ratio(w, u, adapt, phi, trust_clip), ratio)
+    ratio_fn = lambda w, u: _lamb_ratio(w, u, adapt, phi, trust_clip)  # noqa: E731
+    return _cpu_two_stage(args, lib, n, dt, reduce, ratio_fn, ratio)
 
 
 def _cpu_two_stage(args, lib, n, dt, reduce, ratio_fn, ratio_out):
-    """Pass 1 on every tensor, one ``reduce`` of all squared sums, then pass 2 on every tensor."""
+    """Pass 1 on every tensor, a request for the global squared sums, then pass 2 on every tensor."""
+    from largebatch.optim._common import Pending
     sq = torch.empty(2 * n, dtype=torch.float64)
     args.sq = sq.data_ptr()
     args.stage = 1
     _run_cpu(lib, args)
-    total = reduce(sq.to(dt))
-    w_norm, d_norm = total.sqrt().chunk(2)
-    ratio = ratio_fn(w_norm, d_norm).to(dt).contiguous()
-    ratio_out.copy_(ratio)
-    args.stage = 2
-    args.ratio = ratio_out.data_ptr()
-    _run_cpu(lib, args)
-    return w_norm, d_norm, ratio_out
+
+    def pass2(total: Tensor):
+        w_norm, d_norm = total.sqrt().chunk(2)
+        ratio_out.copy_(ratio_fn(w_norm, d_norm).to(dt))
+        args.stage = 2
+        args.ratio = ratio_out.data_ptr()
+        _run_cpu(lib, args)
+        return w_norm, d_norm, ratio_out
+
+    return Pending(reduce, sq.to(dt), pass2)
 
 
 def _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip):
@@ -597,15 +601,18 @@ def _torch_lamb(
         pass1(x, g, m, v, coef[i], ok, gs, beta1, beta2, eps, weight_decay, nest)
         for i, (x, g, m, v) in enumerate(zip(*flat))
     ]
-    sq = _stacked_sums(sums)
-    if reduce is not None:
-        sq = reduce(sq)
-    w_norm, u_norm = sq.sqrt().chunk(2)
-    ratio = _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip)
-    scale = -lr * ratio
-    for i, (x, g, m, v) in enumerate(zip(*flat)):
-        pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, weight_decay, nest)
-    return w_norm, u_norm, ratio
+
+    def pass2_all(sq: Tensor):
+        w_norm, u_norm = sq.sqrt().chunk(2)
+        ratio = _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip)
+        scale = -lr * ratio
+        for i, (x, g, m, v) in enumerate(zip(*flat)):
+            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, weight_decay, nest)
+        return w_norm, u_norm, ratio
+
+    from largebatch.optim._common import with_global_sums
+
+    return with_global_sums(reduce, _stacked_sums(sums), pass2_all)
 
 
 def _torch_lars(
@@ -621,21 +628,24 @@ def _torch_lars(
     else:
         pass1 = _pass("_lars_classic_pass1", device)
         sums = [pass1(x, g, ok, gs) for x, g, _ in zip(*flat)]
-    sq = _stacked_sums(sums)
-    if reduce is not None:
-        sq = reduce(sq)
-    w_norm, d_norm = sq.sqrt().chunk(2)
-    ratio = _lars_ratio(
-        w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
-        mode=mode, clip=clip, phi=phi, adapt=adapt,
-    )  # fmt: skip
-    if mode == "paper":
-        pass2 = _pass("_lars_paper_pass2", device)
-        scale = -lr * ratio
-        for i, (x, g, b) in enumerate(zip(*flat)):
-            pass2(x, g, b, ok, gs, scale[i], momentum, weight_decay, nesterov)
-    else:
-        pass2 = _pass("_lars_classic_pass2", device)
-        for i, (x, g, b) in enumerate(zip(*flat)):
-            pass2(x, g, b, ok, gs, ratio[i], lr, momentum, weight_decay, nesterov)
-    return w_norm, d_norm, ratio
+
+    def pass2_all(sq: Tensor):
+        w_norm, d_norm = sq.sqrt().chunk(2)
+        ratio = _lars_ratio(
+            w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
+            mode=mode, clip=clip, phi=phi, adapt=adapt,
+        )  # fmt: skip
+        if mode == "paper":
+            pass2 = _pass("_lars_paper_pass2", device)
+            scale = -lr * ratio
+            for i, (x, g, b) in enumerate(zip(*flat)):
+                pass2(x, g, b, ok, gs, scale[i], momentum, weight_decay, nesterov)
+        else:
+            pass2 = _pass("_lars_classic_pass2", device)
+            for i, (x, g, b) in enumerate(zip(*flat)):
+                pass2(x, g, b, ok, gs, ratio[i], lr, momentum, weight_decay, nesterov)
+        return w_norm, d_norm, ratio
+
+    from largebatch.optim._common import with_global_sums
+
+    return with_global_sums(reduce, _stacked_sums(sums), pass2_all)

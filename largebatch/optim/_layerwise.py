@@ -27,6 +27,7 @@ from largebatch.optim._common import (
     global_grad_norm,
     is_dtensor,
     local_tensor,
+    run_together,
 )
 
 
@@ -100,7 +101,9 @@ class LayerwiseOptimizer(Optimizer):
     def _init_state(self, p: Tensor, state: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _update(self, group: dict, xs, grads, states, ok, grad_scale, use_foreach: bool) -> None:  # pragma: no cover
+    def _update(self, group: dict, xs, grads, states, ok, grad_scale, use_foreach: bool):  # pragma: no cover
+        """The update of one bucket, as a generator (see largebatch.optim._common.run_together)
+        returning (weight norms, update norms, trust ratios)."""
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------------------------
@@ -161,22 +164,34 @@ class LayerwiseOptimizer(Optimizer):
         oks = [global_ok] * len(gathered)
         if self.nonfinite != "none" and global_ok is None:
             oks = self._groups_ok([grads for _, grads, _ in gathered])
-        for group, (params, grads, states), ok in zip(self.param_groups, gathered, oks):
-            if not params:
-                continue
-            if self.nonfinite != "none":
-                if self.nonfinite == "raise" and not bool(ok):  # documented: this policy syncs
+        active = [(i, group, g, ok) for i, (group, g, ok) in enumerate(zip(self.param_groups, gathered, oks)) if g[0]]
+        if self.nonfinite == "raise":  # documented: this policy syncs; checked before anything changes
+            for i, _, _, ok in active:
+                if not bool(ok):
                     raise FloatingPointError(
-                        f"{type(self).__name__}: non-finite gradient in a parameter group "
-                        f"(nonfinite='raise'); use nonfinite='skip' to skip such steps instead"
+                        f"{type(self).__name__}: non-finite gradient in parameter group {i} "
+                        f"(nonfinite='raise'); nothing was updated. Use nonfinite='skip' to skip such steps instead"
                     )
+        # Each group's update returns its result, or (sharded parameters) a request for its global
+        # squared sums: running them together answers the requests of all groups with ONE collective.
+        updates = []
+        for _, group, (params, grads, states), ok in active:
+            if self.nonfinite != "none":
                 self.skipped_steps += (~ok).to(torch.int64).to(self.skipped_steps.device)
-            self._step_group(group, params, grads, states, ok, grad_scale)
+            updates.extend(self._group_updates(group, params, grads, states, ok, grad_scale))
+        results = run_together([update for *_, update in updates])
+        for (params, xs, bucket, _), norms in zip(updates, results):
+            self._record(params, xs, bucket, norms)
+        for params, _, states in gathered:
+            for p, s in zip(params, states):
+                if "master" in s:  # the float32 master, copied back into the 16-bit parameter
+                    local_tensor(p).copy_(local_tensor(s["master"]))
         return loss
 
     def _record(self, params, xs, updated, norms) -> None:
         owner = {id(x): p for p, x in zip(params, xs)}
-        self.telemetry.record([owner[id(x)] for x in updated], *norms)
+        w_norm, u_norm, ratio = norms
+        self.telemetry.record([owner[id(x)] for x in updated], w_norm, u_norm, ratio)
 
     def _totals_reducer(self) -> SquaredSumReducer | None:
         return getattr(self.norm_reducer, "reduce_totals", self.norm_reducer)
@@ -192,30 +207,28 @@ class LayerwiseOptimizer(Optimizer):
         bad = reduce(torch.stack([(~ok).float().to(device) for ok in oks]))
         return list((bad == 0).unbind())
 
-    def _step_group(self, group, params, grads, states, ok, grad_scale) -> None:
+    def _group_updates(self, group, params, grads, states, ok, grad_scale) -> list[tuple]:
+        """[(params, xs, bucket, update generator)] for one group: one bucket per device and dtype
+        on the multi-tensor path, the whole group on the reference path. ``xs`` are the tensors
+        updated: float32 masters of 16-bit parameters, local shards of DTensors."""
         # Parameters are updated through their float32 master copy when they are 16-bit.
         xs = [s.get("master", p) for p, s in zip(params, states)]
         if any(is_dtensor(x) for x in xs):
             # Sharded parameters are updated shard by shard on plain tensors; the norm_reducer makes
-            # each norm whole in one collective (DTensor ops would issue one collective per norm).
+            # each norm whole (DTensor ops would issue one collective per norm).
             xs = [local_tensor(x) for x in xs]
             states = [{k: local_tensor(v) for k, v in s.items()} for s in states]
         use_foreach = self._use_foreach(params)
-        if use_foreach:
-            # The multi-tensor path needs tensors of one device and dtype per call.
-            buckets: dict = defaultdict(lambda: ([], [], []))
-            for x, g, s in zip(xs, grads, states):
-                b = buckets[(x.device, x.dtype)]
-                b[0].append(x)
-                b[1].append(g)
-                b[2].append(s)
-            for bx, bg, bs in buckets.values():
-                self._record(params, xs, bx, self._update(group, bx, bg, bs, ok, grad_scale, True))
-        else:
-            self._record(params, xs, xs, self._update(group, xs, grads, states, ok, grad_scale, False))
-        for p, x, s in zip(params, xs, states):
-            if "master" in s:
-                local_tensor(p).copy_(x)
+        if not use_foreach:
+            return [(params, xs, xs, self._update(group, xs, grads, states, ok, grad_scale, False))]
+        # The multi-tensor path needs tensors of one device and dtype per call.
+        buckets: dict = defaultdict(lambda: ([], [], []))
+        for x, g, s in zip(xs, grads, states):
+            b = buckets[(x.device, x.dtype)]
+            b[0].append(x)
+            b[1].append(g)
+            b[2].append(s)
+        return [(params, xs, bx, self._update(group, bx, bg, bs, ok, grad_scale, True)) for bx, bg, bs in buckets.values()]
 
 
 def _placement_reducer(param_groups: list[dict]) -> SquaredSumReducer | None:

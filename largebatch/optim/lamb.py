@@ -13,14 +13,15 @@ from torch import Tensor
 
 from largebatch.optim._common import (
     NESTEROV_MODES,
-    layer_norms as _norms,
     SquaredSumReducer,
     check_betas,
     check_choice,
     check_nonneg,
     check_phi,
     compute_dtype,
+    run,
     trust_ratio,
+    with_layer_norms,
 )
 from largebatch.optim._fused import fused_lamb
 from largebatch.optim._layerwise import LayerwiseOptimizer
@@ -82,7 +83,8 @@ class Lamb(LayerwiseOptimizer):
             (saved in the state dict, so it survives checkpoints). Moments of 16-bit parameters
             are float32 in any case; float32/float64 parameters keep state in their own dtype.
         norm_reducer: callable summing squared norms over a shard group (see largebatch.distributed);
-            None when parameters are not sharded.
+            None when parameters are not sharded (DTensor parameters imply theirs). It is called
+            once per step for the norms of all groups together.
 
     After a step, ``telemetry.read()`` gives each parameter's weight norm ``||x||``, update norm
     ``||u||`` and trust ratio (kept as tensors until read, so recording costs no host sync).
@@ -159,7 +161,8 @@ class Lamb(LayerwiseOptimizer):
 
     def _update(self, group, xs, grads, states, ok, grad_scale, use_foreach):
         beta1, beta2 = group["betas"]
-        return lamb(
+        impl = _lamb_impl(fused=self._use_fused(xs), foreach=use_foreach)
+        return impl(  # a result, or a Pending request: the base class runs all groups together
             xs,
             grads,
             [s["exp_avg"] for s in states],
@@ -178,8 +181,6 @@ class Lamb(LayerwiseOptimizer):
             ok=ok,
             grad_scale=grad_scale,
             reduce=self.norm_reducer,
-            foreach=use_foreach,
-            fused=self._use_fused(xs),
         )
 
 
@@ -210,28 +211,42 @@ def lamb(
 
     ``params`` are the tensors to update (float32 masters of 16-bit parameters); ``ok`` is a 0-d bool
     tensor (False: leave everything unchanged); ``grad_scale`` a 0-d tensor multiplying the
-    gradients (global clipping). Returns (weight norms, update norms, trust ratios), one entry per
-    tensor, as tensors.
+    gradients (global clipping); ``reduce`` turns local squared sums into global ones (called once).
+    Returns (weight norms, update norms, trust ratios), one entry per tensor, as tensors.
     """
-    fn = fused_lamb if fused else _multi_tensor_lamb if foreach else _single_tensor_lamb
-    return fn(
-        params, grads, exp_avgs, exp_avg_sqs, steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        bias_correction=bias_correction, adapt=adapt, phi=phi, trust_clip=trust_clip,
-        nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
+    return run(
+        _lamb_impl(fused=fused, foreach=foreach)(
+            params, grads, exp_avgs, exp_avg_sqs, steps,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            bias_correction=bias_correction, adapt=adapt, phi=phi, trust_clip=trust_clip,
+            nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
+        )
     )  # fmt: skip
+
+
+def _lamb_impl(*, fused: bool, foreach: bool):
+    """The implementation: fused kernels, ``torch._foreach_*``, or the single-tensor reference.
+
+    Each returns its result, or with a ``reduce`` a :class:`~largebatch.optim._common.Pending`
+    request for the global squared sums that finishes the step (see ``run_together``).
+    """
+    return fused_lamb if fused else _multi_tensor_lamb if foreach else _single_tensor_lamb
 
 
 def _single_tensor_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
     bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
-    """The reference: Algorithm 2 written out for one tensor at a time."""
+    """The reference: Algorithm 2 written out for one tensor at a time.
+
+    Lines 6-9 of the algorithm (moments, bias correction, the direction u) for every tensor, then
+    the norms of every tensor (one request when sharded), then line 10: x -= lr * ratio * u.
+    """
     n = len(params)
-    w_norms, u_norms, ratios = [], [], []
-    if ok is not None and not bool(ok):  # skip: nothing changes (this path may sync; it is the reference)
+    if n == 0 or (ok is not None and not bool(ok)):  # skip: nothing changes (this may sync; it is the reference)
         zero = torch.zeros(n)
         return zero, zero, torch.ones(n)
+    us = []
     for x, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         g = grad.to(x.dtype)
         if grad_scale is not None:
@@ -260,15 +275,17 @@ def _single_tensor_lamb(
             u = torch.where(denom > 0, u, torch.zeros_like(u))
         if weight_decay != 0:
             u = u + weight_decay * x
+        us.append(u)
 
-        w_norm, u_norm = (n[0] for n in _norms([x], [u], reduce))
-        ratio = trust_ratio(w_norm, u_norm, phi=phi, trust_clip=trust_clip) if adapt else torch.ones_like(w_norm)
+    def apply(w_norms: Tensor, u_norms: Tensor):
+        ratios = []
+        for x, u, w_norm, u_norm in zip(params, us, w_norms, u_norms):
+            ratio = trust_ratio(w_norm, u_norm, phi=phi, trust_clip=trust_clip) if adapt else torch.ones_like(w_norm)
+            x.add_(u * (-lr * ratio))
+            ratios.append(ratio)
+        return w_norms, u_norms, torch.stack(ratios)
 
-        x.add_(u * (-lr * ratio))
-        w_norms.append(w_norm)
-        u_norms.append(u_norm)
-        ratios.append(ratio)
-    return torch.stack(w_norms), torch.stack(u_norms), torch.stack(ratios)
+    return with_layer_norms(params, us, reduce, apply)
 
 
 def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
@@ -334,12 +351,14 @@ def _multi_tensor_lamb(
     if weight_decay != 0:
         torch._foreach_add_(u, torch._foreach_mul(params, weight_decay))
 
-    w_norm, u_norm = _norms(params, u, reduce)
-    ratio = trust_ratio(w_norm, u_norm, phi=phi, trust_clip=trust_clip) if adapt else torch.ones_like(w_norm)
 
-    scale = -lr * ratio
-    if ok is not None:
-        scale = scale * okf
-    torch._foreach_mul_(u, scale.unbind())
-    torch._foreach_add_(params, u)
-    return w_norm, u_norm, ratio
+    def apply(w_norm: Tensor, u_norm: Tensor):
+        ratio = trust_ratio(w_norm, u_norm, phi=phi, trust_clip=trust_clip) if adapt else torch.ones_like(w_norm)
+        scale = -lr * ratio
+        if ok is not None:
+            scale = scale * okf
+        torch._foreach_mul_(u, scale.unbind())
+        torch._foreach_add_(params, u)
+        return w_norm, u_norm, ratio
+
+    return with_layer_norms(params, u, reduce, apply)

@@ -15,8 +15,9 @@ from largebatch.optim._common import (
     check_nonneg,
     check_phi,
     compute_dtype,
-    layer_norms,
+    run,
     trust_ratio,
+    with_layer_norms,
 )
 from largebatch.optim._fused import fused_lars
 from largebatch.optim._layerwise import LayerwiseOptimizer
@@ -139,7 +140,8 @@ class Lars(LayerwiseOptimizer):
         state["momentum_buffer"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
 
     def _update(self, group, xs, grads, states, ok, grad_scale, use_foreach):
-        return lars(
+        impl = _lars_impl(fused=self._use_fused(xs), foreach=use_foreach)
+        return impl(  # a result, or a Pending request: the base class runs all groups together
             xs,
             grads,
             [s["momentum_buffer"] for s in states],
@@ -156,8 +158,6 @@ class Lars(LayerwiseOptimizer):
             ok=ok,
             grad_scale=grad_scale,
             reduce=self.norm_reducer,
-            foreach=use_foreach,
-            fused=self._use_fused(xs),
         )
 
 
@@ -186,12 +186,18 @@ def lars(
 
     The "direction norm" is ||n_t|| in "paper" mode and ||g_t|| in "classic" mode.
     """
-    fn = fused_lars if fused else _multi_tensor_lars if foreach else _single_tensor_lars
-    return fn(
-        params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, mode=mode, clip=clip,
-        phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
+    return run(
+        _lars_impl(fused=fused, foreach=foreach)(
+            params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, mode=mode, clip=clip,
+            phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
+        )
     )  # fmt: skip
+
+
+def _lars_impl(*, fused: bool, foreach: bool):
+    """The implementation (returning a result or a Pending request, as largebatch.optim.lamb._lamb_impl)."""
+    return fused_lars if fused else _multi_tensor_lars if foreach else _single_tensor_lars
 
 
 def _classic_ratio(w_norm, g_norm, *, lr, weight_decay, trust_coefficient, eps, clip, adapt):
@@ -207,41 +213,49 @@ def _single_tensor_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
     nesterov, mode, clip, phi, adapt, ok, grad_scale, reduce,
 ):  # fmt: skip
-    """The reference, one tensor at a time."""
+    """The reference, one tensor at a time: what each mode measures for every tensor, the norms of
+    every tensor (one request when sharded), then each tensor's update."""
     n = len(params)
-    if ok is not None and not bool(ok):  # skip (the reference may sync)
+    if n == 0 or (ok is not None and not bool(ok)):  # skip (the reference may sync)
         zero = torch.zeros(n)
         return zero, zero, torch.ones(n)
-    w_norms, d_norms, ratios = [], [], []
+    gs, measured = [], []
     for x, grad, buf in zip(params, grads, momentum_buffers):
         g = grad.to(x.dtype)
         if grad_scale is not None:
             g = g * grad_scale.to(x.dtype)
-        if mode == "paper":
+        gs.append(g)
+        if mode == "paper":  # the ratio measures the momentum direction n_t
             d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g
             buf.mul_(momentum).add_(d * (1 - momentum))
-            direction = buf * momentum + d * (1 - momentum) if nesterov else buf
-            w_norm, d_norm = (t[0] for t in layer_norms([x], [direction], reduce))
-            if adapt:
-                ratio = trust_ratio(w_norm, d_norm, phi=phi, trust_clip=clip, coefficient=trust_coefficient, denominator_extra=eps)
+            measured.append(buf * momentum + d * (1 - momentum) if nesterov else buf)
+        else:  # "classic": the ratio measures the gradient
+            measured.append(g)
+
+    def apply(w_norms: Tensor, d_norms: Tensor):
+        ratios = []
+        for x, g, buf, direction, w_norm, d_norm in zip(params, gs, momentum_buffers, measured, w_norms, d_norms):
+            if mode == "paper":
+                if adapt:
+                    ratio = trust_ratio(
+                        w_norm, d_norm, phi=phi, trust_clip=clip, coefficient=trust_coefficient, denominator_extra=eps
+                    )
+                else:
+                    ratio = torch.ones_like(w_norm)
+                x.add_(direction * (-lr * ratio))
             else:
-                ratio = torch.ones_like(w_norm)
-            x.add_(direction * (-lr * ratio))
-        else:
-            w_norm, d_norm = (t[0] for t in layer_norms([x], [g], reduce))
-            ratio = _classic_ratio(
-                w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                eps=eps, clip=clip, adapt=adapt,
-            )  # fmt: skip
-            d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g
-            d = d * ratio
-            buf.mul_(momentum).add_(d)
-            direction = d + buf * momentum if nesterov else buf
-            x.add_(direction * -lr)
-        w_norms.append(w_norm)
-        d_norms.append(d_norm)
-        ratios.append(ratio)
-    return torch.stack(w_norms), torch.stack(d_norms), torch.stack(ratios)
+                ratio = _classic_ratio(
+                    w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                    eps=eps, clip=clip, adapt=adapt,
+                )  # fmt: skip
+                d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g
+                d = d * ratio
+                buf.mul_(momentum).add_(d)
+                x.add_((d + buf * momentum if nesterov else buf) * -lr)
+            ratios.append(ratio)
+        return w_norms, d_norms, torch.stack(ratios)
+
+    return with_layer_norms(params, measured, reduce, apply)
 
 
 def _multi_tensor_lars(
@@ -263,6 +277,13 @@ def _multi_tensor_lars(
 
     # momentum factor that becomes 1 (keep the buffer) when the step is skipped
     mom = momentum if ok is None else torch.where(ok, momentum * one, one)
+
+    def move(direction: list[Tensor], scale: Tensor) -> None:
+        if ok is not None:
+            scale = scale * okf
+        torch._foreach_mul_(direction, scale.unbind())
+        torch._foreach_add_(params, direction)
+
     if mode == "paper":
         d = torch._foreach_add(g, params, alpha=weight_decay) if weight_decay != 0 else g
         torch._foreach_mul_(momentum_buffers, mom)
@@ -273,16 +294,22 @@ def _multi_tensor_lars(
             torch._foreach_add_(direction, torch._foreach_mul(d, 1 - momentum))
         else:
             direction = [b.clone() for b in momentum_buffers]
-        w_norm, d_norm = layer_norms(params, direction, reduce)
-        if adapt:
-            ratio = trust_ratio(w_norm, d_norm, phi=phi, trust_clip=clip, coefficient=trust_coefficient, denominator_extra=eps)
-        else:
-            ratio = torch.ones_like(w_norm)
-        scale = -lr * ratio
-    else:
-        w_norm, d_norm = layer_norms(params, g, reduce)
+
+        def apply_paper(w_norm: Tensor, d_norm: Tensor):
+            if adapt:
+                ratio = trust_ratio(
+                    w_norm, d_norm, phi=phi, trust_clip=clip, coefficient=trust_coefficient, denominator_extra=eps
+                )
+            else:
+                ratio = torch.ones_like(w_norm)
+            move(direction, -lr * ratio)
+            return w_norm, d_norm, ratio
+
+        return with_layer_norms(params, direction, reduce, apply_paper)
+
+    def apply_classic(w_norm: Tensor, g_norm: Tensor):
         ratio = _classic_ratio(
-            w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+            w_norm, g_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
             eps=eps, clip=clip, adapt=adapt,
         )  # fmt: skip
         d = torch._foreach_add(g, params, alpha=weight_decay) if weight_decay != 0 else [gi.clone() for gi in g]
@@ -294,9 +321,7 @@ def _multi_tensor_lars(
             torch._foreach_add_(direction, torch._foreach_mul(momentum_buffers, momentum))
         else:
             direction = [b.clone() for b in momentum_buffers]
-        scale = torch.full_like(ratio, -lr)
-    if ok is not None:
-        scale = scale * okf
-    torch._foreach_mul_(direction, scale.unbind())
-    torch._foreach_add_(params, direction)
-    return w_norm, d_norm, ratio
+        move(direction, torch.full_like(ratio, -lr))
+        return w_norm, g_norm, ratio
+
+    return with_layer_norms(params, g, reduce, apply_classic)

@@ -59,6 +59,7 @@ def main():
     }  # fmt: skip
     if info.is_main:
         write_json(out_path(), result)
+    barrier()  # leave together: a rank tearing gloo down while another still works can abort
     cleanup()
 
 

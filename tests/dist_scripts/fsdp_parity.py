@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
 from largebatch import Lamb, Lars, param_groups
-from largebatch.distributed import cleanup, init_from_env, shard_indices, zero_norm_reducer
+from largebatch.distributed import barrier, cleanup, init_from_env, shard_indices, zero_norm_reducer
 
 CLIP = dict(max_grad_norm=0.05)  # below the initial gradient norm (~0.5): clipping is active
 # fused=None (default) takes the fused kernel where the machine has one; fused=False the multi-tensor path
@@ -28,6 +28,8 @@ CASES = {
         Lars, dict(lr=0.5, momentum=0.9, weight_decay=0.01, mode="classic", trust_coefficient=0.02, fused=False, **CLIP)
     ),
     "lamb_nesterov_no_clip": (Lamb, dict(lr=0.02, weight_decay=0.1, nesterov="both")),
+    "lamb_nonfinite_none": (Lamb, dict(lr=0.02, weight_decay=0.1, nonfinite="none")),
+    "lars_paper_nonfinite_none": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nonfinite="none")),
     "lamb_reference_path": (Lamb, dict(lr=0.02, weight_decay=0.1, foreach=False, **CLIP)),
     "lars_paper": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, mode="paper", **CLIP)),
     "lars_classic": (Lars, dict(lr=0.5, momentum=0.9, weight_decay=0.01, mode="classic", trust_coefficient=0.02, **CLIP)),
@@ -185,6 +187,7 @@ def main():
     results["errors"] = error_cases(mesh)
     if info.is_main:
         write_json(out_path(), results)
+    barrier()  # leave together: a rank tearing gloo down while another still works can abort
     cleanup()
 
 
