@@ -91,7 +91,7 @@ PATHS = {
     "local norms only (no reduction: wrong, the floor)": lambda groups: Lamb(
         groups, fused=False, norm_reducer=lambda sq: sq, **COMMON
     ),
-    "single-tensor reference (foreach=False), 1 per tensor": lambda groups: Lamb(groups, foreach=False, **COMMON),
+    "single-tensor reference (foreach=False)": lambda groups: Lamb(groups, foreach=False, **COMMON),
     "plain DTensor ops": lambda groups: DTensorLamb(groups, fused=False, **COMMON),
     "batched, fused=None (fused kernel where available)": lambda groups: Lamb(groups, **COMMON),
 }
