@@ -6,7 +6,7 @@ applies ``x += -lr * ratio * u``. That moves about 40 bytes per float32 paramete
 28 for an Adam step.
 
 Two backends implement the same passes with the semantics of ``_multi_tensor_lamb`` and
-``_multi_tensor_lars`` (skipping with ``ok``, ``grad_scale``, one ``reduce`` call per step):
+``_multi_tensor_lars`` (skipping with ``ok``, ``grad_scale``, one request for the global squared sums):
 
 * CPU: ``csrc/layerwise_step.cpp``, a vectorised OpenMP loop called through ctypes. It is compiled
   with the system C++ compiler on first use, one small build per optimizer and dtype (a few

@@ -102,8 +102,8 @@ class LayerwiseOptimizer(Optimizer):
         raise NotImplementedError
 
     def _update(self, group: dict, xs, grads, states, ok, grad_scale, use_foreach: bool):  # pragma: no cover
-        """The update of one bucket, as a generator (see largebatch.optim._common.run_together)
-        returning (weight norms, update norms, trust ratios)."""
+        """The update of one bucket: (weight norms, update norms, trust ratios), or with a norm
+        reducer a Pending request that finishes with them (see largebatch.optim._common.run_together)."""
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class LayerwiseOptimizer(Optimizer):
         return list((bad == 0).unbind())
 
     def _group_updates(self, group, params, grads, states, ok, grad_scale) -> list[tuple]:
-        """[(params, xs, bucket, update generator)] for one group: one bucket per device and dtype
+        """[(params, xs, bucket, update result or Pending)] for one group: one bucket per device and dtype
         on the multi-tensor path, the whole group on the reference path. ``xs`` are the tensors
         updated: float32 masters of 16-bit parameters, local shards of DTensors."""
         # Parameters are updated through their float32 master copy when they are 16-bit.
