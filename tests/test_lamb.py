@@ -169,8 +169,20 @@ def test_nonfinite_gradient_skips_and_changes_nothing(foreach):
 def test_nonfinite_raise_policy():
     p = torch.randn(3, requires_grad=True)
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
-    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+    with pytest.raises(FloatingPointError, match="non-finite gradient in parameter group 0"):
         Lamb([p], nonfinite="raise").step()
+
+
+def test_nonfinite_raise_changes_no_group():
+    """Every group is checked before any changes: the good group before the bad one is untouched too."""
+    good, bad = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    good.grad, bad.grad = torch.ones(3), torch.tensor([1.0, float("inf")])
+    opt = Lamb([{"params": [good]}, {"params": [bad]}], lr=0.1, nonfinite="raise")
+    before = good.detach().clone()
+    with pytest.raises(FloatingPointError, match="parameter group 1 .*nothing was updated"):
+        opt.step()
+    assert torch.equal(good.detach(), before)
+    assert len(opt.state) == 2 and all(float(s["step"]) == 0 for s in opt.state.values())
 
 
 @pytest.mark.parametrize("foreach", [False, True])
