@@ -74,7 +74,8 @@ class Lamb(LayerwiseOptimizer):
         nonfinite: what a non-finite (inf/nan) gradient does. "skip" (default): that group's step
             is skipped, neither parameters nor state change, and ``skipped_steps`` counts it (with
             ``max_grad_norm`` the whole step is skipped, because the global norm is non-finite).
-            "raise": FloatingPointError (this policy reads a flag on the host every step).
+            "raise": FloatingPointError before any group changes (this policy reads a flag on the host
+            every step).
             "none": no check (fastest; a non-finite gradient then corrupts the state).
         foreach: True/None for the multi-tensor path, False for the single-tensor reference path.
         fused: None (default) uses the fused backend where it supports the tensors, else foreach;
