@@ -275,3 +275,19 @@ def test_store_roundtrip(tmp_path):
         assert a.tags == ("grid", "untuned") and a.final == {"accuracy": 0.5, "loss": None} and a.attempts == 1
         assert [r.label for r in store.runs("b")] == ["LAMB"] and len(store.runs()) == 1
         assert json.loads(json.dumps(a.history)) == [{"step": 1}]
+
+
+def test_a_b0_run_that_did_not_learn_is_no_reference():
+    """A B0 run that collapsed to chance without diverging (final loss ~ initial loss) must not make
+    every larger batch "hold the target" against it."""
+    from types import SimpleNamespace
+
+    from largebatch.study.report import Group, learned
+
+    def group(initial, final):
+        return Group("lars", 32, [SimpleNamespace(final={"initial_loss": initial, "loss": final})])
+
+    assert learned(group(2.3036, 0.03))
+    assert not learned(group(2.3036, 2.3023))  # MNIST at chance: 0.9994 x the initial loss
+    assert not learned(group(2.3036, 2.2))  # 0.955 x: not below 0.9 x
+    assert learned(Group("x", 32, [SimpleNamespace(final={"loss": 2.3})]))  # no initial loss recorded: no verdict

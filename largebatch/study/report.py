@@ -135,6 +135,20 @@ def target_value(base: float, target: dict[str, float]) -> float:
     return base - float(target.get("drop", 0.005))
 
 
+LEARNED_FRACTION = 0.9
+
+
+def learned(group: Group) -> bool:
+    """False when a run ended with its loss not below LEARNED_FRACTION x its loss at step 0: a run
+    that collapsed (e.g. to a constant prediction) without diverging. Such a B0 is no reference for
+    "holds the target". True when the losses are not recorded."""
+    for r in group.runs:
+        start, end = r.final.get("initial_loss"), r.final.get("loss")
+        if start is not None and end is not None and math.isfinite(start) and not end < LEARNED_FRACTION * start:
+            return False
+    return True
+
+
 def steps_to(run: RunRecord, metric: str, value: float) -> int | None:
     """The first evaluated step at which ``metric`` reached ``value`` (None: never)."""
     for h in run.history:
@@ -227,7 +241,8 @@ def scaling_rows(study: Study, setting: str) -> list[dict[str, Any]]:
     out = []
     for label in study.labels:
         base = study.cell(label, study.base_batch, setting)
-        base_ok = base is not None and base.status == "finished"
+        base_learned = base is not None and base.status == "finished" and learned(base)
+        base_ok = base_learned
         tv = target_value(base.value, target) if base_ok else None
         base_steps = steps_to(base.run, metric, tv) if base_ok else None
         for b in study.batches:
@@ -236,6 +251,8 @@ def scaling_rows(study: Study, setting: str) -> list[dict[str, Any]]:
                 continue
             rec: dict[str, Any] = {"label": label, "batch": b, "group": g, "value": g.value, "steps": g.run.steps,
                                    "wall": statistics.fmean(r.wall_time or 0.0 for r in g.runs), "status": g.status}  # fmt: skip
+            if base is not None and base.status == "finished" and not base_learned:
+                rec["base_did_not_learn"] = True
             if base_ok and g.status == "finished":
                 rec["delta"] = g.value - base.value
                 rec["holds"] = g.value >= tv
@@ -255,7 +272,8 @@ def scaling_table(study: Study, setting: str) -> str:
         rows.append([
             rec["label"], str(rec["batch"]), _fmt(rec["value"]) if rec["status"] == "finished" else rec["status"],
             "-" if rec.get("delta") is None else f"{100 * rec['delta']:+.2f}",
-            "-" if rec.get("holds") is None else ("yes" if rec["holds"] else "**no**"),
+            ("n/a: B0 did not learn" if rec.get("base_did_not_learn") else "-") if rec.get("holds") is None
+            else ("yes" if rec["holds"] else "**no**"),
             str(rec["steps"] or "-"), "-" if rec.get("steps_to_target") is None else str(rec["steps_to_target"]),
             "-" if rec.get("speedup") is None else f"{rec['speedup']:.1f}x",
             "-" if rec.get("efficiency") is None else f"{100 * rec['efficiency']:.0f}%",
@@ -694,7 +712,9 @@ def sweep_section(study: Study, out_dir: Path, prefix: str = "") -> str:
                   "machine (one device, so this is the throughput gain of bigger batches, not a parallel speedup; "
                   "the machine is shared, so wall times are noisy). With a schedule that decays to 0 most runs reach "
                   "their best value only at the end, so for a batch that holds the target the speedup is close to "
-                  "the ratio of step counts; efficiencies above 100% come from the coarse eval points.", ""]  # fmt: skip
+                  "the ratio of step counts; efficiencies above 100% come from the coarse eval points. A B0 run whose "
+                  f"final loss is not below {LEARNED_FRACTION:g} x its initial loss did not learn (it collapsed "
+                  "without diverging) and is no reference: its row says so instead of comparing.", ""]  # fmt: skip
         for setting in ("untuned", "tuned"):
             lines += [f"**{setting.capitalize()}:**", "", scaling_table(study, setting), ""]
     noise = noise_section(study, plots.get("noise_scale"))

@@ -325,6 +325,7 @@ def execute_run(spec: dict[str, Any], out_dir: str, progress: bool = False, thre
     import torch
 
     from largebatch.study.noise import NoiseProbe
+    from largebatch.train.checkpoint import load_checkpoint
     from largebatch.train.loop import TrainConfig, fit
     from largebatch.train.tasks import get_task
 
@@ -351,7 +352,7 @@ def execute_run(spec: dict[str, Any], out_dir: str, progress: bool = False, thre
         })  # fmt: skip
         ckpt, saved = Path(out_dir) / "checkpoint.pt", Path(out_dir) / "result.json"
         if ckpt.exists() and not (saved.exists() and json.loads(saved.read_text()).get("status") == "finished"):
-            outcome["resumed_from"] = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+            outcome["resumed_from"] = int(load_checkpoint(ckpt)["step"])
         if spec.get("noise"):
             task = NoiseProbe(task, **spec["noise"], seed=cfg["seed"])
         result = fit(config, task)
