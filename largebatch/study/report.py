@@ -670,7 +670,8 @@ def sweep_section(study: Study, out_dir: Path, prefix: str = "") -> str:
     if c.get("description"):
         lines += [c["description"].strip(), ""]
     run_sum = sum(r.wall_time or 0.0 for r in {r.key: r for r in study.runs}.values())
-    shared = " (runs shared with another sweep in the same database ran, and were timed, there)" if run_sum > 1.05 * total else ""
+    shared = (" (more than the elapsed time: runs ran in parallel, in worker processes or concurrent invocations, or "
+              "were shared with another sweep of the same database)") if run_sum > 1.05 * total else ""  # fmt: skip
     lines += [
         f"- hardware: {_hardware(study.invocations, study.runs)}",
         f"- time: {_duration(total)} over {len(study.invocations)} invocation(s) of this sweep; the runs' own wall "
