@@ -131,7 +131,7 @@ def with_global_sums(reduce: SquaredSumReducer | None, sums: Tensor, then: Calla
 
 
 def with_layer_norms(xs: list[Tensor], us: list[Tensor], reduce: SquaredSumReducer | None, then: Callable):
-    """``then(w, u)`` with w_i = ||x_i||, u_i = ||u_i|| (two 1-d tensors), for each tensor i.
+    """``then(w_norms, u_norms)``: two 1-d tensors holding ||xs[i]|| and ||us[i]|| for each tensor i.
 
     With a ``reduce`` (sharded parameters) the local squared sums of all tensors make ONE request,
     answered with the global sums (one collective, shared with the other groups' requests by
