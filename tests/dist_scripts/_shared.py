@@ -69,3 +69,12 @@ def out_path() -> str:
 def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def leave() -> None:
+    """Meet the other ranks, then destroy the process group: a rank tearing gloo down while another
+    still works can abort ("terminate called without an active exception")."""
+    from largebatch.distributed import barrier, cleanup
+
+    barrier()
+    cleanup()

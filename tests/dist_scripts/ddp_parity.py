@@ -10,11 +10,11 @@ import os
 
 import torch
 import torch.distributed as dist
-from _shared import GLOBAL_BATCH, STEPS, loss_fn, make_data, make_model, max_abs_diff, out_path, write_json
+from _shared import GLOBAL_BATCH, STEPS, leave, loss_fn, make_data, make_model, max_abs_diff, out_path, write_json
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch import Lamb
-from largebatch.distributed import all_reduce_sum, barrier, cleanup, init_from_env, no_sync_if, shard_indices
+from largebatch.distributed import all_reduce_sum, barrier, init_from_env, no_sync_if, shard_indices
 
 ACCUM = 2
 
@@ -59,8 +59,7 @@ def main():
     }  # fmt: skip
     if info.is_main:
         write_json(out_path(), result)
-    barrier()  # leave together: a rank tearing gloo down while another still works can abort
-    cleanup()
+    leave()
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from _shared import STEPS, loss_fn, make_data, make_model, out_path, write_json
+from _shared import STEPS, leave, loss_fn, make_data, make_model, out_path, write_json
 from torch.distributed.tensor.debug import CommDebugMode
 
 from largebatch import Lamb, Lars
-from largebatch.distributed import FlatLayout, FlatShard, barrier, cleanup, flat_layer_norms, init_from_env
+from largebatch.distributed import FlatLayout, FlatShard, flat_layer_norms, init_from_env
 
 
 def flatten(tensors, layout: FlatLayout, world_size: int) -> torch.Tensor:
@@ -105,8 +105,7 @@ def main():
     }
     if info.is_main:
         write_json(out_path(), results)
-    barrier()  # leave together: a rank tearing gloo down while another still works can abort
-    cleanup()
+    leave()
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 from _shared import (
-    GLOBAL_BATCH, STEPS, full, loss_fn, make_data, make_model, max_abs_diff, out_path, roundtrip, state_diff, write_json,
+    GLOBAL_BATCH, STEPS, full, leave, loss_fn, make_data, make_model, max_abs_diff, out_path, roundtrip, state_diff, write_json,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
 from largebatch import Lamb, Lars, param_groups
-from largebatch.distributed import barrier, cleanup, init_from_env, shard_indices, zero_norm_reducer
+from largebatch.distributed import init_from_env, shard_indices, zero_norm_reducer
 
 CLIP = dict(max_grad_norm=0.05)  # below the initial gradient norm (~0.5): clipping is active
 # fused=None (default) takes the fused kernel where the machine has one; fused=False the multi-tensor path
@@ -187,8 +187,7 @@ def main():
     results["errors"] = error_cases(mesh)
     if info.is_main:
         write_json(out_path(), results)
-    barrier()  # leave together: a rank tearing gloo down while another still works can abort
-    cleanup()
+    leave()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 
 import torch
-from _shared import GLOBAL_BATCH, STEPS, loss_fn, make_data, make_model, max_abs_diff, out_path, write_json
+from _shared import GLOBAL_BATCH, STEPS, leave, loss_fn, make_data, make_model, max_abs_diff, out_path, write_json
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch import Lamb, Lars, param_groups
-from largebatch.distributed import ZeroNormReducer, barrier, cleanup, init_from_env, shard_indices, zero_redundancy_optimizer
+from largebatch.distributed import ZeroNormReducer, init_from_env, shard_indices, zero_redundancy_optimizer
 
 CLIP = dict(max_grad_norm=0.05)
 CASES = {
@@ -75,8 +75,7 @@ def main():
         results[k]["owned_shapes"] = [e[k] for e in everyone]
     if info.is_main:
         write_json(out_path(), results)
-    barrier()  # leave together: a rank tearing gloo down while another still works can abort
-    cleanup()
+    leave()
 
 
 if __name__ == "__main__":
