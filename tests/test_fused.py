@@ -88,6 +88,10 @@ LAMB_OPTIONS = [
     dict(max_grad_norm=0.5, nesterov="first", trust_clip=True),
     dict(betas=(0.0, 0.0), eps=0.0),
     dict(eps=0.0, nesterov="both"),
+    dict(decay_in_ratio=False),
+    dict(decay_in_ratio=False, nesterov="both", max_grad_norm=0.5),
+    dict(trust_clip=(0.01, 10.0)),
+    dict(trust_clip=(0.9, 1.1), decay_in_ratio=False, phi=(0.5, 2.0)),
 ]
 LARS_OPTIONS = [
     dict(),
@@ -159,7 +163,7 @@ def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
     steps = [torch.zeros((), device=meta) for _ in xs]
     w, u, r = run(_fused.fused_lamb(
         xs, like(), like(), like(), steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
-        bias_correction=True, adapt=True, phi=None, trust_clip=False, nesterov="both", ok=ok,
+        decay_in_ratio=False, bias_correction=True, adapt=True, phi=None, trust_clip=(0.01, 10.0), nesterov="both", ok=ok,
         grad_scale=scale, reduce=lambda t: t,
     ))  # fmt: skip
     assert w.device == meta and w.shape == (len(xs),)

@@ -58,6 +58,54 @@ def test_first_step_exact_numbers():
     torch.testing.assert_close(p.detach(), torch.tensor([3.0 - d, 4.0 + d], dtype=F64), rtol=1e-15, atol=1e-15)
 
 
+PATHS = [dict(foreach=False), dict(foreach=True, fused=False), dict()]  # reference, multi-tensor, default (fused)
+PATH_IDS = ["reference", "foreach", "default"]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_decay_outside_the_ratio_first_step_exact_numbers(path):
+    # decay_in_ratio=False: x' = x * (1 - lr*wd) = (3, 4) * 0.95 = (2.85, 3.8), ||x'|| = 4.75;
+    # r = sign(g) = (1, -1) (eps = 0, first step), ||r|| = sqrt(2); x1 = x' - 0.1 * 4.75/sqrt(2) * (1, -1).
+    p = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
+    p.grad = torch.tensor([1.0, -2.0], dtype=F64)
+    opt = Lamb([p], lr=0.1, eps=0.0, weight_decay=0.5, decay_in_ratio=False, **path)
+    opt.step()
+    d = 0.475 / math.sqrt(2)
+    torch.testing.assert_close(p.detach(), torch.tensor([2.85 - d, 3.8 + d], dtype=F64), rtol=1e-15, atol=1e-15)
+    t = opt.telemetry.read()[p]
+    assert t["weight_norm"] == pytest.approx(4.75, rel=1e-15) and t["update_norm"] == pytest.approx(math.sqrt(2), rel=1e-15)
+    # The paper's placement for comparison: u = (1, -1) + 0.5 * (3, 4) = (2.5, 1), ||u|| = sqrt(7.25).
+    q = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
+    q.grad = torch.tensor([1.0, -2.0], dtype=F64)
+    Lamb([q], lr=0.1, eps=0.0, weight_decay=0.5, **path).step()
+    e = 0.1 * 5 / math.sqrt(7.25)
+    torch.testing.assert_close(q.detach(), torch.tensor([3.0 - 2.5 * e, 4.0 - e], dtype=F64), rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_trust_clip_bounds_by_hand(path):
+    # First step, eps = 0, wd = 0: u = sign(g), ||u|| = 2 for 4 elements; ratio = ||x|| / 2.
+    # ||x|| = 200 -> 100, clamped to hi = 10; ||x|| = 2e-4 -> 1e-4, clamped to lo = 0.01;
+    # ||x|| = 0 -> 1 (a zero norm's ratio is not clamped, even though 1 > hi for the last group).
+    xs = [torch.full((4,), 100.0, dtype=F64), torch.full((4,), 1e-4, dtype=F64), torch.zeros(4, dtype=F64)]
+    ps = clone_params(xs)
+    g = torch.tensor([1.0, -1.0, 2.0, -0.5], dtype=F64)
+    set_grads([ps], [g.clone() for _ in ps])
+    groups = [{"params": ps[:2]}, {"params": ps[2:], "trust_clip": (0.01, 0.3)}]
+    opt = Lamb(groups, lr=0.1, eps=0.0, trust_clip=(0.01, 10.0), **path)
+    opt.step()
+    for p, x, expected_ratio in zip(ps, xs, (10.0, 0.01, 1.0)):
+        torch.testing.assert_close(p.detach(), x - 0.1 * expected_ratio * g.sign(), rtol=1e-15, atol=1e-18)
+        assert opt.telemetry.read()[p]["trust_ratio"] == pytest.approx(expected_ratio, rel=1e-15)
+    # trust_clip=True is (0, 1): the first tensor's ratio 100 becomes 1, the second stays 1e-4.
+    ps = clone_params(xs)
+    set_grads([ps], [g.clone() for _ in ps])
+    opt = Lamb(ps, lr=0.1, eps=0.0, trust_clip=True, **path)
+    opt.step()
+    for p, expected_ratio in zip(ps, (1.0, 1e-4, 1.0)):
+        assert opt.telemetry.read()[p]["trust_ratio"] == pytest.approx(expected_ratio, rel=1e-12)
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 def test_reduces_to_layer_scaled_sign_sgd(foreach):
     """beta1 = beta2 = eps = wd = 0: each tensor moves by lr*||x|| along sign(g)/sqrt(d)."""
@@ -75,13 +123,15 @@ def test_reduces_to_layer_scaled_sign_sgd(foreach):
             torch.testing.assert_close(p.detach(), expected, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("decay_in_ratio", [True, False])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("wd,betas,eps", [(0.0, (0.9, 0.999), 1e-8), (0.1, (0.8, 0.95), 1e-6), (0.01, (0.0, 0.5), 1e-3)])
-def test_equals_adamw_without_trust_ratio(foreach, wd, betas, eps):
+def test_equals_adamw_without_trust_ratio(foreach, wd, betas, eps, decay_in_ratio):
     shapes = [(5, 3), (3,), ()]
     xs = [torch.randn(s, dtype=F64) for s in shapes]
     a, b = clone_params(xs), clone_params(xs)
-    ours = Lamb(a, lr=0.02, betas=betas, eps=eps, weight_decay=wd, adapt=False, foreach=foreach)
+    ours = Lamb(a, lr=0.02, betas=betas, eps=eps, weight_decay=wd, adapt=False, foreach=foreach,
+                decay_in_ratio=decay_in_ratio)  # fmt: skip
     ref = torch.optim.AdamW(b, lr=0.02, betas=betas, eps=eps, weight_decay=wd, foreach=False)
     for _ in range(10):
         set_grads([a, b], [torch.randn(s, dtype=F64) for s in shapes])
@@ -108,6 +158,10 @@ OPTION_TABLE = [
     dict(max_grad_norm=0.5, nesterov="first", trust_clip=True),
     dict(nonfinite="none"),
     dict(betas=(0.0, 0.0), eps=0.0),
+    dict(decay_in_ratio=False),
+    dict(decay_in_ratio=False, nesterov="first", max_grad_norm=0.5),
+    dict(trust_clip=(0.01, 10.0)),
+    dict(trust_clip=(0.9, 1.1), phi=(0.5, 2.0)),
 ]
 
 
@@ -268,6 +322,20 @@ def test_state_dict_round_trip_is_bit_identical(foreach):
         assert torch.equal(x, y)
 
 
+def test_a_state_dict_without_a_newer_option_loads_with_its_default():
+    p = torch.nn.Parameter(torch.randn(3, dtype=F64))
+    p.grad = torch.randn(3, dtype=F64)
+    opt = Lamb([p], lr=0.1, weight_decay=0.01)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["decay_in_ratio"]  # as saved before the option existed
+    fresh = Lamb([p], lr=0.1, weight_decay=0.01)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["decay_in_ratio"] is True
+    fresh.step()
+
+
 def test_zero_params_and_zero_grads_stay_finite():
     p = torch.zeros(3, 3, requires_grad=True)
     q = torch.randn(3, requires_grad=True)
@@ -393,14 +461,17 @@ def test_rosenbrock():
     torch.testing.assert_close(xy.detach(), torch.tensor([1.0, 1.0], dtype=F64), atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("trust_clip,nesterov", [(False, None), (True, "both")])
-def test_torch_compile_step_matches_eager(trust_clip, nesterov):
+@pytest.mark.parametrize(
+    "trust_clip,nesterov,decay_in_ratio", [(False, None, True), (True, "both", True), ((0.01, 10.0), None, False)]
+)
+def test_torch_compile_step_matches_eager(trust_clip, nesterov, decay_in_ratio):
     """The whole step compiles as ONE graph (fullgraph=True: no graph break, no host sync)."""
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     twin.load_state_dict(model.state_dict())
-    kw = dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, trust_clip=trust_clip, nesterov=nesterov)
+    kw = dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, trust_clip=trust_clip, nesterov=nesterov,
+              decay_in_ratio=decay_in_ratio)  # fmt: skip
     opt, opt_twin = Lamb(model.parameters(), **kw), Lamb(twin.parameters(), **kw)
 
     @torch.compile(fullgraph=True)

@@ -63,6 +63,30 @@ def check_phi(phi: tuple[float, float] | None) -> None:
         )
 
 
+def check_trust_clip(trust_clip) -> None:
+    if isinstance(trust_clip, bool):
+        return
+    pair = isinstance(trust_clip, (tuple, list)) and len(trust_clip) == 2
+    if not pair or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in trust_clip):
+        raise ValueError(
+            f"Invalid trust_clip: {trust_clip!r}; it must be True (ratio capped at 1), False, "
+            "or a pair (lo, hi) that bounds the ratio"
+        )
+    lo, hi = trust_clip
+    if not (0 <= lo < hi):
+        raise ValueError(f"Invalid trust_clip bounds: (lo={lo!r}, hi={hi!r}); they must satisfy 0 <= lo < hi")
+
+
+def clip_bounds(trust_clip: bool | tuple[float, float]) -> tuple[float, float] | None:
+    """The (lo, hi) bounds of the trust ratio: True means (0, 1) (LAMBC), False None."""
+    if trust_clip is True:
+        return (0.0, 1.0)
+    if trust_clip is False:
+        return None
+    lo, hi = trust_clip
+    return (float(lo), float(hi))
+
+
 def check_choice(name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r}; allowed values are {', '.join(repr(a) for a in allowed)}")
@@ -97,7 +121,7 @@ def trust_ratio(
     u_norm: Tensor,
     *,
     phi: tuple[float, float] | None = None,
-    trust_clip: bool = False,
+    trust_clip: bool | tuple[float, float] = False,
     coefficient: float = 1.0,
     denominator_extra: Tensor | float = 0.0,
 ) -> Tensor:
@@ -105,14 +129,15 @@ def trust_ratio(
 
     Works elementwise on tensors of norms (one entry per parameter tensor). The "either norm is 0"
     rule is applied to the raw norms, before phi, as every reference implementation does.
-    ``trust_clip`` caps the ratio at 1 (LAMBC).
+    ``trust_clip`` bounds the computed ratio: True caps it at 1 (LAMBC), a pair ``(lo, hi)`` clamps
+    it to [lo, hi] (DeepSpeed's min_coeff/max_coeff); a ratio of 1 from a zero norm is not clamped.
     """
     denom = u_norm + denominator_extra
     ratio = coefficient * apply_phi(w_norm, phi) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
-    if trust_clip:
-        ratio = ratio.clamp(max=1.0)
-    return ratio
+    bounds = clip_bounds(trust_clip)
+    if bounds is not None:
+        ratio = ratio.clamp(min=bounds[0], max=bounds[1])
+    return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
 
 
 class Pending:

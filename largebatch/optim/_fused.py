@@ -101,10 +101,13 @@ class _StepArgs(ctypes.Structure):
         ("ratio_wd", ctypes.c_double),
         ("phi_lo", ctypes.c_double),
         ("phi_hi", ctypes.c_double),
+        ("clip_lo", ctypes.c_double),
+        ("clip_hi", ctypes.c_double),
+        ("decay", ctypes.c_double),
     ]
 
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _lock = threading.Lock()
 _kernels: dict[tuple, ctypes.CDLL | None] = {}  # (optimizer, dtype, grad code) -> library, None: failed
 _kernel_info: dict[tuple, dict] = {}
@@ -321,12 +324,13 @@ def _run_cpu(lib: ctypes.CDLL, args: _StepArgs) -> None:
 
 
 def fused_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
     bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """LAMB on one bucket, in place, with the semantics of ``_multi_tensor_lamb``."""
     kw = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_in_ratio=decay_in_ratio,
+        bias_correction=bias_correction,
         adapt=adapt, phi=phi, trust_clip=trust_clip, nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
     )  # fmt: skip
     if not params:
@@ -344,17 +348,22 @@ def fused_lamb(
     skip, gs = _host_scalars(ok, grad_scale, dt)
     if skip:  # nothing changes, as in the reference path
         return _empty_result(n, dt, "cpu")
+    from largebatch.optim._common import clip_bounds
+
     w_norm, u_norm, ratio = (torch.empty(n, dtype=dt) for _ in range(3))
+    clip = clip_bounds(trust_clip)
+    wd_in, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
     args = _StepArgs(
         n=n, x=_pointers(params), g=_pointers(grads), s1=_pointers(exp_avgs), s2=_pointers(exp_avg_sqs),
         step=_pointers(steps), numel=(ctypes.c_int64 * n)(*[x.numel() for x in params]),
         w_norm=w_norm.data_ptr(), d_norm=u_norm.data_ptr(), ratio=ratio.data_ptr(), sq=None,
         grad_type=gcode, stage=0, num_threads=torch.get_num_threads(),
         nesterov={None: 0, "first": 1, "both": 2}[nesterov], classic=0,
-        bias_correction=int(bias_correction), adapt=int(adapt), trust_clip=int(trust_clip), lr_clip=0,
-        has_phi=int(phi is not None), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        bias_correction=int(bias_correction), adapt=int(adapt), trust_clip=int(clip is not None), lr_clip=0,
+        has_phi=int(phi is not None), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd_in,
         grad_scale=gs, coefficient=1.0, ratio_eps=0.0, ratio_wd=0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
+        clip_lo=clip[0] if clip else 0.0, clip_hi=clip[1] if clip else 0.0, decay=shrink,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -380,6 +389,13 @@ def _cpu_two_stage(args, lib, n, dt, reduce, ratio_fn, ratio_out):
         return w_norm, d_norm, ratio_out
 
     return Pending(reduce, sq.to(dt), pass2)
+
+
+def _decay_split(lr: float, weight_decay: float, decay_in_ratio: bool) -> tuple[float, float]:
+    """(lambda added to the direction, factor x is multiplied by first): (wd, 1) or (0, 1 - lr * wd)."""
+    if decay_in_ratio or weight_decay == 0:
+        return weight_decay, 1.0
+    return 0.0, 1 - lr * weight_decay
 
 
 def _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip):
@@ -426,6 +442,7 @@ def fused_lars(
         weight_decay=weight_decay, grad_scale=gs, coefficient=trust_coefficient,
         ratio_eps=eps, ratio_wd=weight_decay if classic else 0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
+        clip_lo=0.0, clip_hi=1.0, decay=1.0,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -469,7 +486,10 @@ def _keep_unless(ok: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
 
 
 def _lamb_direction(x, g, m, v, coef, eps: float, weight_decay: float, nesterov: int) -> Tensor:
-    """u = m_hat / (sqrt(v_hat) + eps) + weight_decay * x, with coef = (am, ag, bv, bg) of the tensor."""
+    """u = m_hat / (sqrt(v_hat) + eps) + weight_decay * x, with coef = (am, ag, bv, bg) of the tensor.
+
+    ``x`` is the parameter as the ratio sees it: already multiplied by ``shrink`` (1 - lr * lambda)
+    when the decay is applied first (``decay_in_ratio=False``; ``weight_decay`` is then 0)."""
     m_hat = m * coef[0]
     if nesterov >= 1:
         m_hat = m_hat + g * coef[1]
@@ -484,8 +504,10 @@ def _lamb_direction(x, g, m, v, coef, eps: float, weight_decay: float, nesterov:
 
 
 def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta2: float, eps: float, weight_decay: float,
-                nesterov: int) -> Tensor:  # fmt: skip
+                nesterov: int, shrink: float) -> Tensor:  # fmt: skip
     g = _effective_grad(g, x.dtype, ok, grad_scale)
+    if shrink != 1.0:
+        x = x * shrink
     m_new = _keep_unless(ok, m * beta1 + g * (1 - beta1), m)
     v_new = _keep_unless(ok, v * beta2 + ((1 - beta2) * g) * g, v)
     m.copy_(m_new)
@@ -494,11 +516,13 @@ def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta2: float, ep
     return torch.stack([(x * x).sum(), (u * u).sum()])
 
 
-def _lamb_pass2(x, g, m, v, coef, ok, grad_scale, scale, eps: float, weight_decay: float, nesterov: int) -> None:
+def _lamb_pass2(x, g, m, v, coef, ok, grad_scale, scale, eps: float, weight_decay: float, nesterov: int,
+                shrink: float) -> None:  # fmt: skip
     if nesterov >= 1:
         g = _effective_grad(g, x.dtype, ok, grad_scale)
-    u = _lamb_direction(x, g, m, v, coef, eps, weight_decay, nesterov)
-    x.copy_(_keep_unless(ok, x + u * scale, x))
+    xs = x * shrink if shrink != 1.0 else x
+    u = _lamb_direction(xs, g, m, v, coef, eps, weight_decay, nesterov)
+    x.copy_(_keep_unless(ok, xs + u * scale, x))
 
 
 def _lars_paper_pass1(x, g, b, ok, grad_scale, momentum: float, weight_decay: float, nesterov: bool) -> Tensor:
@@ -584,10 +608,11 @@ def _stacked_sums(sums: list[Tensor]) -> Tensor:
 
 
 def _torch_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
     bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     dt, device = params[0].dtype, params[0].device
+    weight_decay, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
     if ok is None:
         torch._foreach_add_(steps, 1)
     else:  # a list of 0-d tensors: never read on the host
@@ -598,7 +623,7 @@ def _torch_lamb(
     pass1, pass2 = _pass("_lamb_pass1", device), _pass("_lamb_pass2", device)
     flat = _flat(params, grads, exp_avgs, exp_avg_sqs)
     sums = [
-        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta2, eps, weight_decay, nest)
+        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta2, eps, weight_decay, nest, shrink)
         for i, (x, g, m, v) in enumerate(zip(*flat))
     ]
 
@@ -607,7 +632,7 @@ def _torch_lamb(
         ratio = _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip)
         scale = -lr * ratio
         for i, (x, g, m, v) in enumerate(zip(*flat)):
-            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, weight_decay, nest)
+            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, weight_decay, nest, shrink)
         return w_norm, u_norm, ratio
 
     from largebatch.optim._common import with_global_sums

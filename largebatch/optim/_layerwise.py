@@ -76,8 +76,12 @@ class LayerwiseOptimizer(Optimizer):
 
         torch.optim casts every floating state entry to its parameter's dtype, which would turn the
         float32 moments and master weights of a bfloat16 parameter into bfloat16 on every resume.
+        Options that a saved group does not have (it predates them) take the constructor's value.
         """
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):

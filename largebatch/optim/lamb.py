@@ -18,6 +18,7 @@ from largebatch.optim._common import (
     check_choice,
     check_nonneg,
     check_phi,
+    check_trust_clip,
     compute_dtype,
     run,
     trust_ratio,
@@ -41,6 +42,12 @@ class Lamb(LayerwiseOptimizer):
         u_t = r_t + weight_decay * x_t                                   (decay inside the ratio)
         x_{t+1} = x_t - lr * ratio * u_t,  ratio = phi(||x_t||) / ||u_t||
 
+    With ``decay_in_ratio=False`` the decay is applied first, as AdamW does, and the ratio sees the
+    Adam direction alone (Keras 3's Lamb; pytorch_optimizer's ``weight_decouple=True``)::
+
+        x'_t = x_t * (1 - lr * weight_decay)
+        x_{t+1} = x'_t - lr * ratio * r_t,  ratio = phi(||x'_t||) / ||r_t||
+
     With ``eps = 0``, ``r_t`` is taken as 0 where ``sqrt(v_hat) = 0`` (instead of 0/0 = NaN).
 
     ``ratio = 1`` when ``||x_t||`` or ``||u_t||`` is 0, or when the group has ``adapt=False``; with
@@ -62,11 +69,16 @@ class Lamb(LayerwiseOptimizer):
         betas: (beta1, beta2), each in [0, 1).
         eps: added to sqrt(v_hat) (>= 0). Default 1e-6 (BERT practice).
         weight_decay: decoupled weight decay lambda (>= 0), added to the direction before the ratio.
+        decay_in_ratio: True (the paper, TF Addons, timm, apex, optax): lambda * x is part of the
+            update whose norm the ratio divides by; False: x is first shrunk by (1 - lr * lambda) and
+            the ratio uses the shrunk x and the Adam direction alone (Keras 3, pytorch_optimizer).
         bias_correction: divide the moments by (1 - beta**t). True as in TF Addons; the original
             TensorFlow/ALBERT code uses False.
         adapt: per-group switch of the trust ratio (False: ratio = 1, as for biases/norms in BERT).
         phi: None for phi(z) = z, or (gamma_l, gamma_u) for phi(z) = min(max(z, gamma_l), gamma_u).
-        trust_clip: cap the ratio at 1 ("LAMBC").
+        trust_clip: False; True caps the ratio at 1 ("LAMBC", timm's trust_clip); a pair (lo, hi)
+            clamps it to [lo, hi] (DeepSpeed FusedLamb: min_coeff=0.01, max_coeff=10). The ratio of
+            1 taken when a norm is 0 is not clamped.
         nesterov: None, "first" (N-LAMB) or "both" (NN-LAMB).
         max_grad_norm: if set, all gradients of the optimizer are scaled together by
             min(1, max_grad_norm / (||g||_2 + 1e-6)) before the moments (BERT practice: 1.0).
@@ -109,9 +121,10 @@ class Lamb(LayerwiseOptimizer):
         weight_decay: float = 0.0,
         bias_correction: bool = True,
         *,
+        decay_in_ratio: bool = True,
         adapt: bool = True,
         phi: tuple[float, float] | None = None,
-        trust_clip: bool = False,
+        trust_clip: bool | tuple[float, float] = False,
         nesterov: str | None = None,
         max_grad_norm: float | None = None,
         nonfinite: str = "skip",
@@ -125,10 +138,11 @@ class Lamb(LayerwiseOptimizer):
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
+            decay_in_ratio=decay_in_ratio,
             bias_correction=bias_correction,
             adapt=adapt,
             phi=phi,
-            trust_clip=trust_clip,
+            trust_clip=tuple(trust_clip) if isinstance(trust_clip, list) else trust_clip,
             nesterov=nesterov,
         )
         super().__init__(
@@ -149,8 +163,9 @@ class Lamb(LayerwiseOptimizer):
         check_nonneg("weight_decay", group["weight_decay"])
         check_betas(group["betas"])
         check_phi(group["phi"])
+        check_trust_clip(group["trust_clip"])
         check_choice("nesterov", group["nesterov"], NESTEROV_MODES)
-        for flag in ("bias_correction", "adapt", "trust_clip"):
+        for flag in ("bias_correction", "decay_in_ratio", "adapt"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
 
@@ -174,6 +189,7 @@ class Lamb(LayerwiseOptimizer):
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+            decay_in_ratio=group["decay_in_ratio"],
             bias_correction=group["bias_correction"],
             adapt=group["adapt"],
             phi=group["phi"],
@@ -197,10 +213,11 @@ def lamb(
     beta2: float,
     eps: float,
     weight_decay: float,
+    decay_in_ratio: bool = True,
     bias_correction: bool = True,
     adapt: bool = True,
     phi: tuple[float, float] | None = None,
-    trust_clip: bool = False,
+    trust_clip: bool | tuple[float, float] = False,
     nesterov: str | None = None,
     ok: Tensor | None = None,
     grad_scale: Tensor | None = None,
@@ -218,7 +235,7 @@ def lamb(
     return run(
         _lamb_impl(fused=fused, foreach=foreach)(
             params, grads, exp_avgs, exp_avg_sqs, steps,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_in_ratio=decay_in_ratio,
             bias_correction=bias_correction, adapt=adapt, phi=phi, trust_clip=trust_clip,
             nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
         )
@@ -235,7 +252,7 @@ def _lamb_impl(*, fused: bool, foreach: bool):
 
 
 def _single_tensor_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
     bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """The reference: Algorithm 2 written out for one tensor at a time.
@@ -274,8 +291,10 @@ def _single_tensor_lamb(
         u = m_hat / denom
         if eps == 0:  # 0/0 where the second moment is 0: the direction is 0 there, not NaN
             u = torch.where(denom > 0, u, torch.zeros_like(u))
-        if weight_decay != 0:
+        if weight_decay != 0 and decay_in_ratio:
             u = u + weight_decay * x
+        elif weight_decay != 0:  # AdamW's decay first; the ratio then sees the decayed x
+            x.mul_(1 - lr * weight_decay)
         us.append(u)
 
     def apply(w_norms: Tensor, u_norms: Tensor):
@@ -297,7 +316,7 @@ def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
 
 
 def _multi_tensor_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
     bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """Algorithm 2 on lists of tensors with ``torch._foreach_*``; per-tensor scalars live in tensors.
@@ -349,8 +368,11 @@ def _multi_tensor_lamb(
     if eps == 0:  # 0/0 where the second moment is 0: the direction is 0 there, not NaN
         u = [torch.where(d > 0, ui, torch.zeros((), dtype=dt, device=device)) for ui, d in zip(u, v_hat)]
     del m_hat, v_hat
-    if weight_decay != 0:
+    if weight_decay != 0 and decay_in_ratio:
         torch._foreach_add_(u, torch._foreach_mul(params, weight_decay))
+    elif weight_decay != 0:  # AdamW's decay first (a factor of 1 when skipped); the ratio sees the decayed x
+        shrink = 1 - lr * weight_decay
+        torch._foreach_mul_(params, shrink if ok is None else torch.where(ok, shrink * one, one))
 
 
     def apply(w_norm: Tensor, u_norm: Tensor):

@@ -86,7 +86,7 @@ struct StepArgs {
   int32_t classic;        // LARS mode "classic"
   int32_t bias_correction;
   int32_t adapt;
-  int32_t trust_clip;     // ratio <= 1 (LAMB trust_clip, LARS paper clip)
+  int32_t trust_clip;     // ratio clamped to [clip_lo, clip_hi] (LAMB trust_clip, LARS paper clip: [0, 1])
   int32_t lr_clip;        // LARS classic clip: min(ratio / lr, 1), or 1 when lr == 0
   int32_t has_phi;
   double lr, beta1, beta2, eps, weight_decay, grad_scale;
@@ -94,6 +94,8 @@ struct StepArgs {
   double ratio_eps;       // added to the ratio's denominator
   double ratio_wd;        // times ||x||, added to the ratio's denominator (LARS classic)
   double phi_lo, phi_hi;
+  double clip_lo, clip_hi;
+  double decay;           // LAMB: x is multiplied by this before the ratio sees it (1 - lr * lambda, or 1)
 };
 
 }  // extern "C"
@@ -114,8 +116,8 @@ T ratio_of(const StepArgs& a, T w, T d) {
   T denom = d + extra;
   T phw = a.has_phi ? std::min(std::max(w, T(a.phi_lo)), T(a.phi_hi)) : w;
   T r = T(a.coefficient) * phw / (denom > T(0) ? denom : T(1));
+  if (a.trust_clip) r = std::min(std::max(r, T(a.clip_lo)), T(a.clip_hi));
   if (!(w > T(0) && d > T(0))) r = T(1);
-  if (a.trust_clip) r = std::min(r, T(1));
   if (a.lr_clip) r = a.lr > 0.0 ? std::min(r / T(a.lr), T(1)) : T(1);
   return r;
 }
@@ -139,11 +141,12 @@ template <typename T, int G, int NEST, bool EPS0>
 struct Lamb {
   const StepArgs& a;
   const std::vector<LambCoef<T>>& coef;
-  T b1, c1, b2, c2, eps, wd, gs;
+  T b1, c1, b2, c2, eps, wd, gs, sh;
 
   Lamb(const StepArgs& args, const std::vector<LambCoef<T>>& c)
       : a(args), coef(c), b1(T(args.beta1)), c1(T(1.0 - args.beta1)), b2(T(args.beta2)),
-        c2(T(1.0 - args.beta2)), eps(T(args.eps)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
+        c2(T(1.0 - args.beta2)), eps(T(args.eps)), wd(T(args.weight_decay)), gs(T(args.grad_scale)),
+        sh(T(args.decay)) {}
 
   static inline T direction(T m, T v, T g, T x, const LambCoef<T>& k, T eps, T wd) {
     T mh = m * k.am;
@@ -174,6 +177,7 @@ struct Lamb {
     T* __restrict v = static_cast<T*>(a.s2[i]);
     const LambCoef<T> k = coef[i];
     const T b1 = this->b1, c1 = this->c1, b2 = this->b2, c2 = this->c2, eps = this->eps, wd = this->wd, gs = this->gs;
+    const T sh = this->sh;  // 1, or 1 - lr * lambda: x as the ratio sees it is x * sh (exact when 1)
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
       const int64_t j1 = std::min(hi, j0 + kBlock);
       T sw = 0, su = 0;
@@ -184,7 +188,7 @@ struct Lamb {
         const T vj = v[j] * b2 + (c2 * gj) * gj;
         m[j] = mj;
         v[j] = vj;
-        const T xj = x[j];
+        const T xj = x[j] * sh;
         const T u = direction(mj, vj, gj, xj, k, eps, wd);
         if (KEEP) keep[j - lo] = u;
         sw += xj * xj;
@@ -198,11 +202,12 @@ struct Lamb {
   void pass2(int64_t i, int64_t lo, int64_t hi, T ratio, const T* __restrict keep) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const T scale = T(-a.lr) * ratio;
+    const T sh = this->sh;
     if (keep != nullptr) {  // u from pass 1
       for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
         const int64_t j0 = std::max(lo, j1 - kBlock);
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) x[j] = x[j] + keep[j - lo] * scale;
+        for (int64_t j = j0; j < j1; ++j) x[j] = x[j] * sh + keep[j - lo] * scale;
       }
       return;
     }
@@ -216,7 +221,7 @@ struct Lamb {
 #pragma omp simd
       for (int64_t j = j0; j < j1; ++j) {
         const T gj = NEST >= 1 ? GradLoad<T, G>::at(g, j) * gs : T(0);
-        const T xj = x[j];
+        const T xj = x[j] * sh;
         x[j] = xj + direction(m[j], v[j], gj, xj, k, eps, wd) * scale;
       }
     }
@@ -566,7 +571,7 @@ int lb_step(const StepArgs* a) {
   return 0;
 }
 
-int lb_abi_version(void) { return 2; }
+int lb_abi_version(void) { return 3; }
 
 int lb_scalar_bytes(void) { return static_cast<int>(sizeof(LB_SCALAR)); }
 
