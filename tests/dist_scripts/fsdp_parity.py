@@ -29,6 +29,10 @@ CASES = {
     ),
     "lamb_nesterov_no_clip": (Lamb, dict(lr=0.02, weight_decay=0.1, nesterov="both")),
     "lamb_nonfinite_none": (Lamb, dict(lr=0.02, weight_decay=0.1, nonfinite="none")),
+    "lamb_decay_first_bounds": (Lamb, dict(lr=0.02, weight_decay=0.1, decay_in_ratio=False, trust_clip=(0.5, 2.0))),
+    "lamb_decay_first_bounds_multi_tensor": (
+        Lamb, dict(lr=0.02, weight_decay=0.1, decay_in_ratio=False, trust_clip=(0.5, 2.0), fused=False)
+    ),
     "lars_paper_nonfinite_none": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nonfinite="none")),
     "lamb_reference_path": (Lamb, dict(lr=0.02, weight_decay=0.1, foreach=False, **CLIP)),
     "lars_paper": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, mode="paper", **CLIP)),
