@@ -86,7 +86,8 @@ def ddp(tmp_path_factory):
     "case",
     ["lamb", "lamb_multi_tensor", "lamb_nesterov_no_clip", "lamb_nonfinite_none", "lamb_reference_path", "lars_paper",
      "lars_paper_multi_tensor", "lars_paper_nonfinite_none", "lars_classic", "lars_classic_multi_tensor",
-     "lamb_hsdp_mesh", "lamb_decay_first_bounds", "lamb_decay_first_bounds_multi_tensor"],
+     "lamb_hsdp_mesh", "lamb_decay_first_bounds", "lamb_decay_first_bounds_multi_tensor",
+     "lars_classic_combined_lr_in_momentum"],
 )  # fmt: skip
 def test_fsdp2_matches_single_process(fsdp, case):
     r = fsdp[case]

@@ -40,6 +40,10 @@ ERRORS = [
     (Lars, dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
     (Lars, dict(mode="classic", phi=(0.1, 1.0)), ValueError, r"phi bounds exist only in mode='paper'"),
     (Lars, dict(nesterov=1), ValueError, r"Invalid nesterov: 1; it must be True or False"),
+    (Lars, dict(mode="classic", denominator="norm"), ValueError, r"Invalid denominator: 'norm'; allowed values are 'sum', 'combined'"),
+    (Lars, dict(denominator="combined"), ValueError, r"Invalid denominator='combined' / lr_in_momentum=False with mode='paper'; both exist only in mode='classic'"),
+    (Lars, dict(lr_in_momentum=True), ValueError, r"lr_in_momentum=True with mode='paper'"),
+    (Lars, dict(mode="classic", lr_in_momentum=1), ValueError, r"Invalid lr_in_momentum: 1; it must be True or False"),
 ]
 
 

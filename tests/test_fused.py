@@ -104,6 +104,9 @@ LARS_OPTIONS = [
     dict(mode="classic", nesterov=True, clip=True),
     dict(mode="classic", weight_decay=0.0, lr=0.0, clip=True),
     dict(mode="classic", max_grad_norm=0.5),
+    dict(mode="classic", denominator="combined"),
+    dict(mode="classic", lr_in_momentum=True, nesterov=True),
+    dict(mode="classic", denominator="combined", lr_in_momentum=True, clip=True),
 ]
 
 
@@ -170,7 +173,8 @@ def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
     for mode in ("paper", "classic"):
         run(_fused.fused_lars(
             xs, like(), like(), lr=0.1, momentum=0.9, weight_decay=0.01, trust_coefficient=1.0, eps=0.0,
-            nesterov=True, mode=mode, clip=True, phi=None, adapt=True, ok=ok, grad_scale=scale, reduce=None,
+            nesterov=True, mode=mode, clip=True, denominator="combined" if mode == "classic" else "sum",
+            lr_in_momentum=mode == "classic", phi=None, adapt=True, ok=ok, grad_scale=scale, reduce=None,
         ))  # fmt: skip
     # on a GPU the passes are compiled (lazily: nothing is compiled until called)
     compiled = _fused._pass("_lamb_pass1", torch.device("cuda"))

@@ -30,18 +30,27 @@ def hand_lars_paper(x, gs, lr, beta, wd, nesterov=False, coef=1.0, eps=0.0):
     return x, m
 
 
-def hand_lars_classic(x, gs, lr, mom, wd, coef, eps, nesterov=False, clip=False):
+def hand_lars_classic(x, gs, lr, mom, wd, coef, eps, nesterov=False, clip=False, denominator="sum",
+                      lr_in_momentum=False):  # fmt: skip
+    """``lr`` is a number or one value per step."""
     b = [0.0] * len(x)
     x = list(x)
-    for g in gs:
-        wn, gn = _norm(x), _norm(g)
-        local = coef * wn / (gn + wd * wn + eps) if wn > 0 and gn > 0 else 1.0
+    for k, g in enumerate(gs):
+        lr_k = lr[k] if isinstance(lr, (list, tuple)) else lr
+        wn = _norm(x)
+        if denominator == "combined":  # ||g + wd x|| (optax, SimCLR)
+            gn = _norm([gi + wd * xi for gi, xi in zip(g, x)])
+            den = gn + eps
+        else:
+            gn = _norm(g)
+            den = gn + wd * wn + eps
+        local = coef * wn / den if wn > 0 and gn > 0 else 1.0
         if clip:
-            local = min(local / lr, 1.0)
-        d = [(gi + wd * xi) * local for gi, xi in zip(g, x)]
+            local = min(local / lr_k, 1.0)
+        d = [(gi + wd * xi) * local * (lr_k if lr_in_momentum else 1.0) for gi, xi in zip(g, x)]
         b = [mom * bi + di for bi, di in zip(b, d)]
         step = [di + mom * bi for di, bi in zip(d, b)] if nesterov else b
-        x = [xi - lr * si for xi, si in zip(x, step)]
+        x = [xi - (1.0 if lr_in_momentum else lr_k) * si for xi, si in zip(x, step)]
     return x, b
 
 
@@ -73,6 +82,31 @@ def test_classic_mode_by_hand(foreach, nesterov, clip):
         x, b = hand_lars_classic(X0, GS[: k + 1], 0.5, 0.9, 0.01, 1e-3, 1e-8, nesterov, clip)
         torch.testing.assert_close(p.detach(), torch.tensor(x, dtype=F64), rtol=1e-14, atol=1e-15)
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.tensor(b, dtype=F64), rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True, fused=False), dict()],
+                         ids=["reference", "foreach", "default"])  # fmt: skip
+@pytest.mark.parametrize("denominator", ["sum", "combined"])
+@pytest.mark.parametrize("lr_in_momentum,nesterov", [(False, False), (True, False), (True, True)])
+def test_classic_conventions_by_hand(path, denominator, lr_in_momentum, nesterov):
+    """The two classic denominators and the learning rate inside the buffer, under a changing lr
+    (with a constant lr lr_in_momentum changes nothing)."""
+    lrs = [0.5, 0.2, 0.8]
+    wd = 0.3  # large, so that the three denominators differ clearly
+    p = torch.tensor(X0, dtype=F64, requires_grad=True)
+    opt = Lars([p], lr=lrs[0], momentum=0.9, weight_decay=wd, mode="classic", nesterov=nesterov,
+               denominator=denominator, lr_in_momentum=lr_in_momentum, **path)  # fmt: skip
+    for k in range(3):
+        opt.param_groups[0]["lr"] = lrs[k]
+        p.grad = torch.tensor(GS[k], dtype=F64)
+        opt.step()
+        x, b = hand_lars_classic(X0, GS[: k + 1], lrs, 0.9, wd, 1e-3, 1e-8, nesterov, False, denominator, lr_in_momentum)
+        torch.testing.assert_close(p.detach(), torch.tensor(x, dtype=F64), rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.tensor(b, dtype=F64), rtol=1e-14, atol=1e-16)
+    # The conventions do change the trajectory.
+    default, _ = hand_lars_classic(X0, GS, lrs, 0.9, wd, 1e-3, 1e-8, nesterov)
+    if (denominator, lr_in_momentum) != ("sum", False):
+        assert max(abs(u - v) for u, v in zip(x, default)) > 1e-6
 
 
 def test_paper_first_step_exact_numbers():
@@ -109,6 +143,9 @@ OPTION_TABLE = [
     dict(mode="classic", max_grad_norm=0.5),
     dict(mode="paper", max_grad_norm=0.5, adapt=False),
     dict(mode="classic", nonfinite="none"),
+    dict(mode="classic", denominator="combined"),
+    dict(mode="classic", lr_in_momentum=True, nesterov=True),
+    dict(mode="classic", denominator="combined", lr_in_momentum=True, clip=True, max_grad_norm=0.5),
 ]
 
 

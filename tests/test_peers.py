@@ -244,6 +244,18 @@ def optax_scale(step_size):
     return lambda updates, params: {n: step_size * u for n, u in updates.items()}
 
 
+def optax_scale_by_schedule(schedule):
+    """optax.scale_by_schedule: multiply by schedule(count), count = 0, 1, ... (one per update)."""
+    count = [0]
+
+    def update(updates, params):
+        factor = schedule(count[0])
+        count[0] += 1
+        return {n: factor * u for n, u in updates.items()}
+
+    return update
+
+
 def optax_trace(decay, nesterov=False):
     trace = {}
 
@@ -283,13 +295,18 @@ def optax_lars(learning_rate, weight_decay=0.0, weight_decay_mask=None, trust_co
                trust_ratio_mask=None, momentum=0.9, nesterov=False):  # fmt: skip
     """optax.lars: + weight_decay * params (where weight_decay_mask), then the trust ratio
     trust_coefficient * ||x|| / (||g + wd x|| + eps) (where trust_ratio_mask), times
-    -learning_rate, then momentum (optax.trace) of the scaled update."""
+    -learning_rate, then momentum (optax.trace) of the scaled update. ``learning_rate`` may be a
+    schedule (a function of the update count, from 0), as in optax."""
     everything = lambda n: True  # noqa: E731
+    if callable(learning_rate):
+        scale = optax_scale_by_schedule(lambda count: -learning_rate(count))
+    else:
+        scale = optax_scale(-learning_rate)
     return optax_chain(
         optax_add_decayed_weights(weight_decay, weight_decay_mask or everything),
         optax_masked(optax_scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
                      trust_ratio_mask or everything),  # fmt: skip
-        optax_scale(-learning_rate),
+        scale,
         optax_trace(momentum, nesterov),
     )
 
@@ -715,18 +732,41 @@ def test_optax_lars_without_momentum(path):
     assert_trajectories(ours, ref, init, rtol=1e-12)
 
 
-def test_optax_lars_with_decay_and_momentum_is_not_reproducible():
-    """optax.lars normalises g + wd x by its own norm before momentum. Our "classic" mode divides by
-    ||g|| + wd ||x|| (You et al. 2017, LARC, timm), our "paper" mode normalises the momentum, so with
-    both weight decay and momentum neither reproduces it: the trajectories differ by far more than
-    rounding (each of our modes matches optax when wd = 0, resp. momentum = 0, above)."""
-    lr, tc, wd, mom = 0.5, 0.01, 0.05, 0.9
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_optax_lars_with_decay_momentum_and_a_schedule(nesterov, path):
+    """optax.lars in general: trust_coefficient ||x|| / (||g + wd x|| + eps) -> denominator="combined";
+    the learning rate applied before the momentum (optax.trace of the scaled step) -> lr_in_momentum=True,
+    which matters under a schedule (here a linear decay, evaluated at the update count from 0)."""
+    tc, wd, mom, eps = 0.01, 0.05, 0.9, 1e-9
+    schedule = lambda count: 0.5 * (1 - count / (2 * STEPS))  # noqa: E731
+    init, grads = initial_values(zero_bias=True), gradients()
+    ref = run_peer(optax_lars(schedule, weight_decay=wd, trust_coefficient=tc, eps=eps, momentum=mom,
+                              nesterov=nesterov), init, grads)  # fmt: skip
+    ours = run_torch(
+        lambda m: Lars(m.parameters(), lr=schedule(0), momentum=mom, weight_decay=wd, trust_coefficient=tc, eps=eps,
+                       nesterov=nesterov, mode="classic", denominator="combined", lr_in_momentum=True,
+                       **PATHS[path]),
+        init, grads, before_step=lr_schedule(lambda t: schedule(t - 1)),
+    )  # fmt: skip
+    assert_trajectories(ours, ref, init, rtol=1e-12)
+
+
+def test_optax_lars_differs_from_the_default_conventions():
+    """With weight decay, momentum and a schedule, our defaults (You et al. 2017's ||g|| + wd ||x||,
+    torch SGD's lr outside the buffer) and the paper mode are far from optax.lars: the options
+    above are needed."""
+    tc, wd, mom = 0.01, 0.05, 0.9
+    schedule = lambda count: 0.5 * (1 - count / (2 * STEPS))  # noqa: E731
     init, grads = initial_values(), gradients()
-    ref = run_peer(optax_lars(lr, weight_decay=wd, trust_coefficient=tc, momentum=mom), init, grads)
-    for mode in ("classic", "paper"):
-        ours = run_torch(lambda m: Lars(m.parameters(), lr=lr, momentum=mom, weight_decay=wd, trust_coefficient=tc,
-                                        eps=0.0, mode=mode), init, grads)  # fmt: skip
-        assert max_rel_diff(ours, ref) > 1e-4, mode
+    ref = run_peer(optax_lars(schedule, weight_decay=wd, trust_coefficient=tc, momentum=mom), init, grads)
+    hook = lr_schedule(lambda t: schedule(t - 1))
+    variants = [dict(mode="classic"), dict(mode="paper"), dict(mode="classic", denominator="combined"),
+                dict(mode="classic", lr_in_momentum=True)]  # fmt: skip
+    for kw in variants:
+        ours = run_torch(lambda m: Lars(m.parameters(), lr=schedule(0), momentum=mom, weight_decay=wd,
+                                        trust_coefficient=tc, eps=0.0, **kw), init, grads, before_step=hook)  # fmt: skip
+        assert max_rel_diff(ours, ref) > 1e-4, kw
 
 
 # --------------------------------------------------------------------------------------------

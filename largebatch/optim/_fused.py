@@ -104,10 +104,12 @@ class _StepArgs(ctypes.Structure):
         ("clip_lo", ctypes.c_double),
         ("clip_hi", ctypes.c_double),
         ("decay", ctypes.c_double),
+        ("norm_wd", ctypes.c_double),
+        ("lr_in_momentum", ctypes.c_int32),
     ]
 
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _lock = threading.Lock()
 _kernels: dict[tuple, ctypes.CDLL | None] = {}  # (optimizer, dtype, grad code) -> library, None: failed
 _kernel_info: dict[tuple, dict] = {}
@@ -408,12 +410,13 @@ def _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip):
 
 def fused_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
 ):  # fmt: skip
     """LARS on one bucket, in place, with the semantics of ``_multi_tensor_lars``."""
     kw = dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
-        nesterov=nesterov, mode=mode, clip=clip, phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
+        nesterov=nesterov, mode=mode, clip=clip, denominator=denominator, lr_in_momentum=lr_in_momentum, phi=phi,
+        adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
     )  # fmt: skip
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
@@ -440,9 +443,10 @@ def fused_lars(
         classic=int(classic), bias_correction=0, adapt=int(adapt), trust_clip=int(clip and not classic),
         lr_clip=int(clip and classic), has_phi=int(phi is not None), lr=lr, beta1=momentum, beta2=0.0, eps=eps,
         weight_decay=weight_decay, grad_scale=gs, coefficient=trust_coefficient,
-        ratio_eps=eps, ratio_wd=weight_decay if classic else 0.0,
+        ratio_eps=eps, ratio_wd=weight_decay if classic and denominator == "sum" else 0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
         clip_lo=0.0, clip_hi=1.0, decay=1.0,
+        norm_wd=weight_decay if classic and denominator == "combined" else 0.0, lr_in_momentum=int(lr_in_momentum),
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -451,14 +455,15 @@ def fused_lars(
     return _cpu_two_stage(args, lib, n, dt, reduce, ratio_fn, ratio)
 
 
-def _lars_ratio(w_norm, d_norm, *, lr, weight_decay, trust_coefficient, eps, mode, clip, phi, adapt, **_):
+def _lars_ratio(w_norm, d_norm, *, lr, weight_decay, trust_coefficient, eps, mode, clip, denominator, phi, adapt,
+                **_):  # fmt: skip
     from largebatch.optim._common import trust_ratio
     from largebatch.optim.lars import _classic_ratio
 
     if mode == "classic":
         return _classic_ratio(
             w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-            eps=eps, clip=clip, adapt=adapt,
+            eps=eps, clip=clip, adapt=adapt, denominator=denominator,
         )  # fmt: skip
     if not adapt:
         return torch.ones_like(w_norm)
@@ -540,17 +545,21 @@ def _lars_paper_pass2(x, g, b, ok, grad_scale, scale, momentum: float, weight_de
     x.copy_(_keep_unless(ok, x + n * scale, x))
 
 
-def _lars_classic_pass1(x, g, ok, grad_scale) -> Tensor:
+def _lars_classic_pass1(x, g, ok, grad_scale, norm_wd: float) -> Tensor:
     g = _effective_grad(g, x.dtype, ok, grad_scale)
+    if norm_wd != 0:  # denominator="combined": the norm of g + wd x
+        g = g + x * norm_wd
     return torch.stack([(x * x).sum(), (g * g).sum()])
 
 
 def _lars_classic_pass2(x, g, b, ok, grad_scale, ratio, lr: float, momentum: float, weight_decay: float,
-                        nesterov: bool) -> None:  # fmt: skip
+                        nesterov: bool, lr_in_momentum: bool) -> None:  # fmt: skip
     d = (_effective_grad(g, x.dtype, ok, grad_scale) + x * weight_decay) * ratio
+    if lr_in_momentum:
+        d = d * lr
     b_new = b * momentum + d
     n = d + b_new * momentum if nesterov else b_new
-    x_new = x + n * -lr
+    x_new = x - n if lr_in_momentum else x + n * -lr
     b.copy_(_keep_unless(ok, b_new, b))
     x.copy_(_keep_unless(ok, x_new, x))
 
@@ -642,7 +651,7 @@ def _torch_lamb(
 
 def _torch_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
 ):  # fmt: skip
     dt, device = params[0].dtype, params[0].device
     gs = None if grad_scale is None else grad_scale.to(dt)
@@ -652,13 +661,14 @@ def _torch_lars(
         sums = [pass1(x, g, b, ok, gs, momentum, weight_decay, nesterov) for x, g, b in zip(*flat)]
     else:
         pass1 = _pass("_lars_classic_pass1", device)
-        sums = [pass1(x, g, ok, gs) for x, g, _ in zip(*flat)]
+        norm_wd = weight_decay if denominator == "combined" else 0.0
+        sums = [pass1(x, g, ok, gs, norm_wd) for x, g, _ in zip(*flat)]
 
     def pass2_all(sq: Tensor):
         w_norm, d_norm = sq.sqrt().chunk(2)
         ratio = _lars_ratio(
             w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
-            mode=mode, clip=clip, phi=phi, adapt=adapt,
+            mode=mode, clip=clip, denominator=denominator, phi=phi, adapt=adapt,
         )  # fmt: skip
         if mode == "paper":
             pass2 = _pass("_lars_paper_pass2", device)
@@ -668,7 +678,7 @@ def _torch_lars(
         else:
             pass2 = _pass("_lars_classic_pass2", device)
             for i, (x, g, b) in enumerate(zip(*flat)):
-                pass2(x, g, b, ok, gs, ratio[i], lr, momentum, weight_decay, nesterov)
+                pass2(x, g, b, ok, gs, ratio[i], lr, momentum, weight_decay, nesterov, lr_in_momentum)
         return w_norm, d_norm, ratio
 
     from largebatch.optim._common import with_global_sums

@@ -22,9 +22,10 @@ from largebatch.optim._common import (
 from largebatch.optim._fused import fused_lars
 from largebatch.optim._layerwise import LayerwiseOptimizer
 
-__all__ = ["Lars", "lars", "LARS_MODES"]
+__all__ = ["Lars", "lars", "LARS_MODES", "LARS_DENOMINATORS"]
 
 LARS_MODES = ("paper", "classic")
+LARS_DENOMINATORS = ("sum", "combined")
 
 
 class Lars(LayerwiseOptimizer):
@@ -51,6 +52,16 @@ class Lars(LayerwiseOptimizer):
     group has ``adapt=False`` (then "classic" is SGD with momentum and "paper" is SGD with momentum
     dampening ``1 - momentum``). In "paper" mode ``clip=True`` caps the ratio at 1.
 
+    Two conventions of "classic" LARS differ between implementations and are options:
+
+    * ``denominator``: "sum" is ``||g|| + weight_decay * ||x||`` as above (You et al. 2017, LARC,
+      timm, TensorFlow's TPU LARS); "combined" is ``||g + weight_decay * x||`` (optax ``lars``,
+      SimCLR's LARS).
+    * ``lr_in_momentum``: False keeps torch SGD's buffer of unscaled steps, ``x -= lr * b``; True
+      puts the learning rate inside the buffer, ``b = momentum * b + lr * d``, ``x -= b`` (or
+      ``x -= lr * d + momentum * b`` with nesterov), as TensorFlow's TPU LARS, SimCLR's and optax's
+      do. The two differ only when the learning rate changes between steps.
+
     Args:
         params: parameters or parameter groups (see :func:`largebatch.param_groups`).
         lr: learning rate (>= 0).
@@ -62,6 +73,9 @@ class Lars(LayerwiseOptimizer):
         nesterov: Nesterov momentum (see the equations above).
         mode: "paper" or "classic".
         clip: LARC clipping (classic) or ratio <= 1 (paper).
+        denominator: "sum" (default) or "combined": what the "classic" ratio divides by.
+        lr_in_momentum: "classic" only: the learning rate multiplies each step before the momentum
+            buffer (TensorFlow, SimCLR, optax) instead of the buffer (torch.optim.SGD, timm).
         phi: None, or (gamma_l, gamma_u) for the clipped phi of the paper ("paper" mode only).
         adapt: per-group switch of the layer-wise ratio.
         max_grad_norm, nonfinite, foreach, fused, master_weights, norm_reducer: as in :class:`largebatch.Lamb`.
@@ -82,6 +96,8 @@ class Lars(LayerwiseOptimizer):
         mode: str = "paper",
         clip: bool = False,
         *,
+        denominator: str = "sum",
+        lr_in_momentum: bool = False,
         phi: tuple[float, float] | None = None,
         adapt: bool = True,
         max_grad_norm: float | None = None,
@@ -105,6 +121,8 @@ class Lars(LayerwiseOptimizer):
             nesterov=nesterov,
             mode=mode,
             clip=clip,
+            denominator=denominator,
+            lr_in_momentum=lr_in_momentum,
             phi=phi,
             adapt=adapt,
         )
@@ -132,7 +150,13 @@ class Lars(LayerwiseOptimizer):
         check_phi(group["phi"])
         if group["phi"] is not None and group["mode"] != "paper":
             raise ValueError(f"Invalid phi: {group['phi']!r} with mode='classic'; phi bounds exist only in mode='paper'")
-        for flag in ("nesterov", "clip", "adapt"):
+        check_choice("denominator", group["denominator"], LARS_DENOMINATORS)
+        if group["mode"] == "paper" and (group["denominator"] != "sum" or group["lr_in_momentum"] is True):
+            raise ValueError(
+                f"Invalid denominator={group['denominator']!r} / lr_in_momentum={group['lr_in_momentum']!r} "
+                "with mode='paper'; both exist only in mode='classic' (paper mode normalises the momentum)"
+            )
+        for flag in ("nesterov", "clip", "adapt", "lr_in_momentum"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
 
@@ -153,6 +177,8 @@ class Lars(LayerwiseOptimizer):
             nesterov=group["nesterov"],
             mode=group["mode"],
             clip=group["clip"],
+            denominator=group["denominator"],
+            lr_in_momentum=group["lr_in_momentum"],
             phi=group["phi"],
             adapt=group["adapt"],
             ok=ok,
@@ -174,6 +200,8 @@ def lars(
     nesterov: bool,
     mode: str,
     clip: bool,
+    denominator: str = "sum",
+    lr_in_momentum: bool = False,
     phi: tuple[float, float] | None = None,
     adapt: bool = True,
     ok: Tensor | None = None,
@@ -184,13 +212,14 @@ def lars(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Functional LARS step, in place. Returns (weight norms, direction norms, ratios) per tensor.
 
-    The "direction norm" is ||n_t|| in "paper" mode and ||g_t|| in "classic" mode.
+    The "direction norm" is ||n_t|| in "paper" mode and, in "classic" mode, ||g_t|| (||g_t +
+    weight_decay * x_t|| with denominator="combined").
     """
     return run(
         _lars_impl(fused=fused, foreach=foreach)(
             params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
             trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, mode=mode, clip=clip,
-            phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
+            denominator=denominator, lr_in_momentum=lr_in_momentum, phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
         )
     )  # fmt: skip
 
@@ -200,10 +229,12 @@ def _lars_impl(*, fused: bool, foreach: bool):
     return fused_lars if fused else _multi_tensor_lars if foreach else _single_tensor_lars
 
 
-def _classic_ratio(w_norm, g_norm, *, lr, weight_decay, trust_coefficient, eps, clip, adapt):
+def _classic_ratio(w_norm, g_norm, *, lr, weight_decay, trust_coefficient, eps, clip, adapt, denominator):
+    """The classic local lr from ||x|| and the measured norm (||g||, or ||g + wd x|| when "combined")."""
     if not adapt:
         return torch.ones_like(w_norm)
-    ratio = trust_ratio(w_norm, g_norm, coefficient=trust_coefficient, denominator_extra=weight_decay * w_norm + eps)
+    extra = weight_decay * w_norm + eps if denominator == "sum" else eps
+    ratio = trust_ratio(w_norm, g_norm, coefficient=trust_coefficient, denominator_extra=extra)
     if clip:
         ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)
     return ratio
@@ -211,7 +242,7 @@ def _classic_ratio(w_norm, g_norm, *, lr, weight_decay, trust_coefficient, eps, 
 
 def _single_tensor_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
 ):  # fmt: skip
     """The reference, one tensor at a time: what each mode measures for every tensor, the norms of
     every tensor (one request when sharded), then each tensor's update."""
@@ -229,6 +260,8 @@ def _single_tensor_lars(
             d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g
             buf.mul_(momentum).add_(d * (1 - momentum))
             measured.append(buf * momentum + d * (1 - momentum) if nesterov else buf)
+        elif denominator == "combined":  # "classic": the ratio measures the decayed gradient
+            measured.append(torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g)
         else:  # "classic": the ratio measures the gradient
             measured.append(g)
 
@@ -246,12 +279,15 @@ def _single_tensor_lars(
             else:
                 ratio = _classic_ratio(
                     w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                    eps=eps, clip=clip, adapt=adapt,
+                    eps=eps, clip=clip, adapt=adapt, denominator=denominator,
                 )  # fmt: skip
                 d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g
                 d = d * ratio
+                if lr_in_momentum:  # the buffer holds lr-scaled steps (TensorFlow, optax)
+                    d = d * lr
                 buf.mul_(momentum).add_(d)
-                x.add_((d + buf * momentum if nesterov else buf) * -lr)
+                step = d + buf * momentum if nesterov else buf
+                x.add_(-step if lr_in_momentum else step * -lr)
             ratios.append(ratio)
         return w_norms, d_norms, torch.stack(ratios)
 
@@ -260,7 +296,7 @@ def _single_tensor_lars(
 
 def _multi_tensor_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
 ):  # fmt: skip
     """The same math on ``torch._foreach_*``; skipping is arithmetic (see _multi_tensor_lamb)."""
     if not params:
@@ -310,10 +346,12 @@ def _multi_tensor_lars(
     def apply_classic(w_norm: Tensor, g_norm: Tensor):
         ratio = _classic_ratio(
             w_norm, g_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-            eps=eps, clip=clip, adapt=adapt,
+            eps=eps, clip=clip, adapt=adapt, denominator=denominator,
         )  # fmt: skip
         d = torch._foreach_add(g, params, alpha=weight_decay) if weight_decay != 0 else [gi.clone() for gi in g]
         torch._foreach_mul_(d, (ratio if ok is None else ratio * okf).unbind())
+        if lr_in_momentum:  # the buffer holds lr-scaled steps (TensorFlow, optax)
+            torch._foreach_mul_(d, lr)
         torch._foreach_mul_(momentum_buffers, mom)
         torch._foreach_add_(momentum_buffers, d)
         if nesterov:
@@ -321,7 +359,10 @@ def _multi_tensor_lars(
             torch._foreach_add_(direction, torch._foreach_mul(momentum_buffers, momentum))
         else:
             direction = [b.clone() for b in momentum_buffers]
-        move(direction, torch.full_like(ratio, -lr))
+        move(direction, torch.full_like(ratio, -1.0 if lr_in_momentum else -lr))
         return w_norm, g_norm, ratio
 
+    if denominator == "combined":  # the ratio measures the decayed gradient
+        measured = torch._foreach_add(g, params, alpha=weight_decay) if weight_decay != 0 else g
+        return with_layer_norms(params, measured, reduce, apply_classic)
     return with_layer_norms(params, g, reduce, apply_classic)

@@ -30,6 +30,10 @@ CASES = {
     "lamb_nesterov_no_clip": (Lamb, dict(lr=0.02, weight_decay=0.1, nesterov="both")),
     "lamb_nonfinite_none": (Lamb, dict(lr=0.02, weight_decay=0.1, nonfinite="none")),
     "lamb_decay_first_bounds": (Lamb, dict(lr=0.02, weight_decay=0.1, decay_in_ratio=False, trust_clip=(0.5, 2.0))),
+    "lars_classic_combined_lr_in_momentum": (
+        Lars, dict(lr=0.5, momentum=0.9, weight_decay=0.01, mode="classic", trust_coefficient=0.02,
+                   denominator="combined", lr_in_momentum=True)
+    ),
     "lamb_decay_first_bounds_multi_tensor": (
         Lamb, dict(lr=0.02, weight_decay=0.1, decay_in_ratio=False, trust_clip=(0.5, 2.0), fused=False)
     ),

@@ -96,6 +96,8 @@ struct StepArgs {
   double phi_lo, phi_hi;
   double clip_lo, clip_hi;
   double decay;           // LAMB: x is multiplied by this before the ratio sees it (1 - lr * lambda, or 1)
+  double norm_wd;         // LARS classic: the measured norm is ||g + norm_wd x|| (0: ||g||)
+  int32_t lr_in_momentum; // LARS classic: b = mom b + lr d, x -= b (TensorFlow, optax); 0: x -= lr b
 };
 
 }  // extern "C"
@@ -286,28 +288,30 @@ struct LarsPaper {
   T ratio(int64_t, T w, T d) const { return ratio_of<T>(a, w, d); }
 };
 
-// LARS, "classic" mode: the ratio uses ||g||; d = (g + wd x) ratio; b = mom b + d; x -= lr (b or d + mom b).
+// LARS, "classic" mode: the ratio uses ||g|| (or ||g + wd x||); d = (g + wd x) ratio; b = mom b + d;
+// x -= lr (b or d + mom b). With lr_in_momentum: d is multiplied by lr before the buffer and x -= b
+// (or d + mom b); multiplying by 1 and by -1 instead keeps the default bit-identical.
 template <typename T, int G, bool NEST>
 struct LarsClassic {
   const StepArgs& a;
-  T mom, wd, gs;
+  T mom, wd, gs, nwd;
 
   explicit LarsClassic(const StepArgs& args)
-      : a(args), mom(T(args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
+      : a(args), mom(T(args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)), nwd(T(args.norm_wd)) {}
 
   static constexpr bool kKeeps = false;
 
   void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
     const T* __restrict x = static_cast<const T*>(a.x[i]);
     const void* g = a.g[i];
-    const T gs = this->gs;
+    const T gs = this->gs, nwd = this->nwd;
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
       const int64_t j1 = std::min(hi, j0 + kBlock);
       T sw = 0, sg = 0;
 #pragma omp simd reduction(+ : sw, sg)
       for (int64_t j = j0; j < j1; ++j) {
         const T xj = x[j];
-        const T gj = GradLoad<T, G>::at(g, j) * gs;
+        const T gj = std::fma(xj, nwd, GradLoad<T, G>::at(g, j) * gs);  // exactly g when nwd == 0
         sw += xj * xj;
         sg += gj * gj;
       }
@@ -321,13 +325,14 @@ struct LarsClassic {
     const void* g = a.g[i];
     T* __restrict b = static_cast<T*>(a.s1[i]);
     const T mom = this->mom, wd = this->wd, gs = this->gs;
-    const T scale = T(-a.lr);
+    const T into = a.lr_in_momentum ? T(a.lr) : T(1);
+    const T scale = a.lr_in_momentum ? T(-1) : T(-a.lr);
     for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
       const int64_t j0 = std::max(lo, j1 - kBlock);
 #pragma omp simd
       for (int64_t j = j0; j < j1; ++j) {
         const T xj = x[j];
-        const T dj = std::fma(xj, wd, GradLoad<T, G>::at(g, j) * gs) * ratio;
+        const T dj = std::fma(xj, wd, GradLoad<T, G>::at(g, j) * gs) * ratio * into;
         const T bj = b[j] * mom + dj;
         b[j] = bj;
         const T nj = NEST ? dj + bj * mom : bj;
@@ -571,7 +576,7 @@ int lb_step(const StepArgs* a) {
   return 0;
 }
 
-int lb_abi_version(void) { return 3; }
+int lb_abi_version(void) { return 4; }
 
 int lb_scalar_bytes(void) { return static_cast<int>(sizeof(LB_SCALAR)); }
 
