@@ -30,6 +30,7 @@ ERRORS = [
     (Lamb, dict(trust_clip=(10.0, 0.01)), ValueError, r"Invalid trust_clip bounds: \(lo=10.0, hi=0.01\); they must satisfy 0 <= lo < hi"),
     (Lamb, dict(trust_clip=(-1.0, 2.0)), ValueError, r"Invalid trust_clip bounds: \(lo=-1.0, hi=2.0\)"),
     (Lamb, dict(max_grad_norm=0.0), ValueError, r"Invalid max_grad_norm value: 0.0; it must be None \(no clipping\) or a finite number > 0"),
+    (Lamb, dict(clip_eps=-1e-6), ValueError, r"Invalid clip_eps value: -1e-06; it must be a finite number >= 0"),
     (Lamb, dict(nonfinite="ignore"), ValueError, r"Invalid nonfinite: 'ignore'; allowed values are 'skip', 'raise', 'none'"),
     (Lamb, dict(foreach="yes"), ValueError, r"Invalid foreach: 'yes'"),
     (Lamb, dict(fused=True, foreach=False), ValueError, r"fused=True and foreach=False contradict"),

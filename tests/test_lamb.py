@@ -239,15 +239,17 @@ def test_nonfinite_raise_changes_no_group():
     assert len(opt.state) == 2 and all(float(s["step"]) == 0 for s in opt.state.values())
 
 
+@pytest.mark.parametrize("clip_eps", [1e-6, 0.0])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_max_grad_norm_clips_globally(foreach):
-    """With clipping, Lamb sees g * min(1, c/||g||) for ALL tensors together."""
+def test_max_grad_norm_clips_globally(foreach, clip_eps):
+    """With clipping, Lamb sees g * min(1, c/(||g|| + clip_eps)) for ALL tensors together."""
     xs = [torch.randn(4, 4, dtype=F64), torch.randn(4, dtype=F64)]
     gs = [torch.randn(4, 4, dtype=F64) * 10, torch.randn(4, dtype=F64) * 10]
     total = torch.sqrt(sum(g.square().sum() for g in gs))
-    coef = min(1.0, 1.0 / (float(total) + 1e-6))
+    coef = min(1.0, 1.0 / (float(total) + clip_eps))
     a, b = clone_params(xs), clone_params(xs)
-    Lamb_a = Lamb([{"params": [a[0]]}, {"params": [a[1]]}], lr=0.1, max_grad_norm=1.0, foreach=foreach)
+    Lamb_a = Lamb([{"params": [a[0]]}, {"params": [a[1]]}], lr=0.1, max_grad_norm=1.0, clip_eps=clip_eps,
+                  foreach=foreach)  # fmt: skip
     Lamb_b = Lamb(b, lr=0.1, foreach=foreach)
     set_grads([a], gs)
     set_grads([b], [g * coef for g in gs])

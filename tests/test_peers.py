@@ -797,28 +797,34 @@ def test_apex_fused_lamb(bias_correction, path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("peer", ["apex", "timm"])
-def test_global_clipping_differs_by_its_epsilon(peer, path):
-    """apex and timm scale the gradients by max_grad_norm / ||g|| when ||g|| > max_grad_norm; we use
-    torch.nn.utils.clip_grad_norm_'s max_grad_norm / (||g|| + 1e-6) (as DeepSpeed does). With
-    clipping active the two differ by that epsilon alone: the peer with (||g|| + 1e-6) matches us to
-    rounding, the real peer differs by more than rounding but by less than 1e-6 relative."""
+def test_global_clipping_epsilon(peer, path):
+    """apex and timm scale the gradients by max_grad_norm / ||g|| when ||g|| > max_grad_norm: our
+    clip_eps=0. Our default is torch.nn.utils.clip_grad_norm_'s max_grad_norm / (||g|| + 1e-6) (as
+    DeepSpeed's); with clipping active at every step the default differs from the peer by more than
+    rounding but by less than 1e-6 relative, and clip_eps=0 matches it to rounding."""
     lr, wd, mgn = 0.02, 0.01, 1.0
     init, grads = initial_values(scales={"proj.weight": 1e-3}), gradients(scale=0.3)
     assert min(global_norm(g) for g in grads) > mgn  # clipping acts at every step
     groups = [(WEIGHTS, wd), (BIAS, 0.0)]
-    ours = run_torch(
-        lambda m: Lamb(named_groups(m, [(WEIGHTS, dict(weight_decay=wd)), (BIAS, dict(weight_decay=0.0, adapt=False))]),
-                       lr=lr, eps=1e-6, max_grad_norm=mgn, **PATHS[path]),
-        init, grads,
-    )  # fmt: skip
+
+    def ours(clip_eps):
+        return run_torch(
+            lambda m: Lamb(named_groups(m, [(WEIGHTS, dict(weight_decay=wd)),
+                                            (BIAS, dict(weight_decay=0.0, adapt=False))]),
+                           lr=lr, eps=1e-6, max_grad_norm=mgn, clip_eps=clip_eps, **PATHS[path]),
+            init, grads,
+        )  # fmt: skip
+
     if peer == "apex":
-        make = lambda clip_eps: ApexFusedLamb(groups, lr=lr, eps=1e-6, max_grad_norm=mgn,  # noqa: E731
-                                              clip_denominator_eps=clip_eps)  # fmt: skip
-        assert_trajectories(ours, run_peer(make(1e-6), init, grads), init, rtol=1e-12)
-        gap = max_rel_diff(ours, run_peer(make(0.0), init, grads))
+        ref = run_peer(ApexFusedLamb(groups, lr=lr, eps=1e-6, max_grad_norm=mgn, clip_denominator_eps=0.0), init, grads)
+        # the re-implementation given the epsilon reproduces our default
+        with_eps = run_peer(ApexFusedLamb(groups, lr=lr, eps=1e-6, max_grad_norm=mgn, clip_denominator_eps=1e-6),
+                            init, grads)  # fmt: skip
+        assert_trajectories(ours(1e-6), with_eps, init, rtol=1e-12)
     else:  # timm divides by max(||g|| / max_grad_norm, 1); it has no epsilon to set
-        gap = max_rel_diff(ours, run_peer(TimmLamb(groups, lr=lr, eps=1e-6, max_grad_norm=mgn), init, grads))
-    assert 1e-11 < gap < 1e-6
+        ref = run_peer(TimmLamb(groups, lr=lr, eps=1e-6, max_grad_norm=mgn), init, grads)
+    assert 1e-11 < max_rel_diff(ours(1e-6), ref) < 1e-6
+    assert_trajectories(ours(0.0), ref, init, rtol=1e-12)
 
 
 def test_apex_l2_mode_and_no_grad_averaging_are_not_reproducible():

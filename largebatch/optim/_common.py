@@ -224,9 +224,10 @@ def global_grad_norm(grads: list[Tensor], reduce: SquaredSumReducer | None = Non
     return sq.sqrt().reshape(())
 
 
-def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
-    """torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (total_norm + 1e-6))."""
-    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+def clip_coefficient(total_norm: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
+    """min(1, max_norm / (total_norm + eps)): with eps = 1e-6 torch.nn.utils.clip_grad_norm_'s factor
+    (and DeepSpeed's); with eps = 0 apex's, timm's and Keras's (1 also for a zero norm)."""
+    return (max_norm / (total_norm + eps)).clamp(max=1.0)
 
 
 class Telemetry:

@@ -22,6 +22,7 @@ from largebatch.optim._common import (
     check_choice,
     check_grad,
     check_max_grad_norm,
+    check_nonneg,
     clip_coefficient,
     compute_dtype,
     global_grad_norm,
@@ -40,6 +41,7 @@ class LayerwiseOptimizer(Optimizer):
         defaults: dict,
         *,
         max_grad_norm: float | None,
+        clip_eps: float,
         nonfinite: str,
         foreach: bool | None,
         fused: bool | None,
@@ -47,6 +49,7 @@ class LayerwiseOptimizer(Optimizer):
         norm_reducer: SquaredSumReducer | None,
     ) -> None:
         check_max_grad_norm(max_grad_norm)
+        check_nonneg("clip_eps", clip_eps)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r}; allowed values are None (auto), True, False")
@@ -60,6 +63,7 @@ class LayerwiseOptimizer(Optimizer):
         super().__init__(params, defaults)  # validates every group through add_param_group
         self.fused = fused
         self.max_grad_norm = max_grad_norm
+        self.clip_eps = clip_eps
         self.nonfinite = nonfinite
         self.foreach = foreach
         self.master_weights = master_weights
@@ -163,7 +167,7 @@ class LayerwiseOptimizer(Optimizer):
             # With global clipping a non-finite gradient anywhere poisons the clip factor, so the
             # whole step is skipped; without it each group is checked on its own.
             global_ok = torch.isfinite(norm)
-            grad_scale = torch.where(global_ok, clip_coefficient(norm, self.max_grad_norm), 1.0)
+            grad_scale = torch.where(global_ok, clip_coefficient(norm, self.max_grad_norm, self.clip_eps), 1.0)
 
         oks = [global_ok] * len(gathered)
         if self.nonfinite != "none" and global_ok is None:

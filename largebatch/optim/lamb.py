@@ -81,7 +81,9 @@ class Lamb(LayerwiseOptimizer):
             1 taken when a norm is 0 is not clamped.
         nesterov: None, "first" (N-LAMB) or "both" (NN-LAMB).
         max_grad_norm: if set, all gradients of the optimizer are scaled together by
-            min(1, max_grad_norm / (||g||_2 + 1e-6)) before the moments (BERT practice: 1.0).
+            min(1, max_grad_norm / (||g||_2 + clip_eps)) before the moments (BERT practice: 1.0).
+        clip_eps: the epsilon of that factor: 1e-6 (default) as torch.nn.utils.clip_grad_norm_ and
+            DeepSpeed; 0 as apex FusedLAMB, timm and Keras.
             The gradients themselves are not modified.
         nonfinite: what a non-finite (inf/nan) gradient does. "skip" (default): that group's step
             is skipped, neither parameters nor state change, and ``skipped_steps`` counts it (with
@@ -127,6 +129,7 @@ class Lamb(LayerwiseOptimizer):
         trust_clip: bool | tuple[float, float] = False,
         nesterov: str | None = None,
         max_grad_norm: float | None = None,
+        clip_eps: float = 1e-6,
         nonfinite: str = "skip",
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -149,6 +152,7 @@ class Lamb(LayerwiseOptimizer):
             params,
             defaults,
             max_grad_norm=max_grad_norm,
+            clip_eps=clip_eps,
             nonfinite=nonfinite,
             foreach=foreach,
             fused=fused,

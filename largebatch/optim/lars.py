@@ -78,7 +78,8 @@ class Lars(LayerwiseOptimizer):
             buffer (TensorFlow, SimCLR, optax) instead of the buffer (torch.optim.SGD, timm).
         phi: None, or (gamma_l, gamma_u) for the clipped phi of the paper ("paper" mode only).
         adapt: per-group switch of the layer-wise ratio.
-        max_grad_norm, nonfinite, foreach, fused, master_weights, norm_reducer: as in :class:`largebatch.Lamb`.
+        max_grad_norm, clip_eps, nonfinite, foreach, fused, master_weights, norm_reducer: as in
+            :class:`largebatch.Lamb`.
 
     References: Y. You, I. Gitman, B. Ginsburg, "Large Batch Training of Convolutional Networks",
     2017, https://arxiv.org/abs/1708.03888; Y. You et al., ICLR 2020, https://arxiv.org/abs/1904.00962
@@ -101,6 +102,7 @@ class Lars(LayerwiseOptimizer):
         phi: tuple[float, float] | None = None,
         adapt: bool = True,
         max_grad_norm: float | None = None,
+        clip_eps: float = 1e-6,
         nonfinite: str = "skip",
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -130,6 +132,7 @@ class Lars(LayerwiseOptimizer):
             params,
             defaults,
             max_grad_norm=max_grad_norm,
+            clip_eps=clip_eps,
             nonfinite=nonfinite,
             foreach=foreach,
             fused=fused,
