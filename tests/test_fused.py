@@ -144,7 +144,12 @@ def test_lars_torch_backend_matches_reference(options, torch_backend):
     run_pair(Lars, dict(lr=0.1, weight_decay=0.01) | options, F64, dict(fused=True))
 
 
-@pytest.mark.parametrize("cls,kw", [(Lamb, dict(nesterov="both", max_grad_norm=1.0)), (Lars, dict(nesterov=True))])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(Lamb, dict(nesterov="both", max_grad_norm=1.0)), (Lamb, dict(decay_in_ratio=False, trust_clip=(0.5, 2.0))),
+     (Lars, dict(nesterov=True)),
+     (Lars, dict(mode="classic", denominator="combined", lr_in_momentum=True, nesterov=True))],
+)  # fmt: skip
 def test_torch_backend_compiled_matches_reference(cls, kw, torch_backend, monkeypatch):
     """The passes compiled with torch.compile (Inductor's C++ here; Triton on a GPU)."""
     torch._dynamo.reset()

@@ -226,3 +226,33 @@ def test_defaults_depend_on_mode():
     assert Lars(p).defaults["trust_coefficient"] == 1.0 and Lars(p).defaults["eps"] == 0.0
     c = Lars(p, mode="classic").defaults
     assert c["trust_coefficient"] == 1e-3 and c["eps"] == 1e-8
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(mode="classic", clip=True, max_grad_norm=1.0),
+     dict(mode="classic", denominator="combined", lr_in_momentum=True, nesterov=True)],
+    ids=["paper", "classic-larc-clipped", "classic-combined-lr-in-momentum"],
+)  # fmt: skip
+def test_torch_compile_step_matches_eager(kw):
+    """The whole step compiles as ONE graph (fullgraph=True: no graph break, no host sync)."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin.load_state_dict(model.state_dict())
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.01) | kw
+    opt, opt_twin = Lars(model.parameters(), **kw), Lars(twin.parameters(), **kw)
+
+    @torch.compile(fullgraph=True)
+    def compiled_step():
+        opt.step()
+
+    data = [(torch.randn(32, 8), torch.randn(32, 1)) for _ in range(4)]
+    for xb, yb in data:
+        for m in (model, twin):
+            m.zero_grad()
+            torch.nn.functional.mse_loss(m(xb), yb).backward()
+        compiled_step()
+        opt_twin.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
