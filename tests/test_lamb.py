@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same, assert_states_equal, clone_params, set_grads
+from conftest import assert_compiled_step_matches_eager, assert_same, assert_states_equal, clone_params, set_grads
 
 from largebatch import Lamb
 
@@ -468,24 +468,6 @@ def test_rosenbrock():
 )
 def test_torch_compile_step_matches_eager(trust_clip, nesterov, decay_in_ratio):
     """The whole step compiles as ONE graph (fullgraph=True: no graph break, no host sync)."""
-    torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    twin.load_state_dict(model.state_dict())
     kw = dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, trust_clip=trust_clip, nesterov=nesterov,
               decay_in_ratio=decay_in_ratio)  # fmt: skip
-    opt, opt_twin = Lamb(model.parameters(), **kw), Lamb(twin.parameters(), **kw)
-
-    @torch.compile(fullgraph=True)
-    def compiled_step():
-        opt.step()
-
-    data = [(torch.randn(32, 8), torch.randn(32, 1)) for _ in range(4)]
-    for xb, yb in data:
-        for m in (model, twin):
-            m.zero_grad()
-            torch.nn.functional.mse_loss(m(xb), yb).backward()
-        compiled_step()
-        opt_twin.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(Lamb, kw)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same, assert_states_equal, clone_params, set_grads
+from conftest import assert_compiled_step_matches_eager, assert_same, assert_states_equal, clone_params, set_grads
 
 from largebatch import Lars
 
@@ -236,23 +236,4 @@ def test_defaults_depend_on_mode():
 )  # fmt: skip
 def test_torch_compile_step_matches_eager(kw):
     """The whole step compiles as ONE graph (fullgraph=True: no graph break, no host sync)."""
-    torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    twin.load_state_dict(model.state_dict())
-    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.01) | kw
-    opt, opt_twin = Lars(model.parameters(), **kw), Lars(twin.parameters(), **kw)
-
-    @torch.compile(fullgraph=True)
-    def compiled_step():
-        opt.step()
-
-    data = [(torch.randn(32, 8), torch.randn(32, 1)) for _ in range(4)]
-    for xb, yb in data:
-        for m in (model, twin):
-            m.zero_grad()
-            torch.nn.functional.mse_loss(m(xb), yb).backward()
-        compiled_step()
-        opt_twin.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(Lars, dict(lr=0.05, momentum=0.9, weight_decay=0.01) | kw)
