@@ -4,7 +4,7 @@ Two kinds of peer:
 
 * the installed ``torch_optimizer.Lamb`` (0.3.0) and ``pytorch_optimizer.Lamb`` (4.1.0), run directly;
 * short float64 re-implementations, in plain torch, of peers that cannot run here (TF Addons, optax,
-  NVIDIA apex, timm, DeepSpeed, Keras 3). Each follows the algorithm of the source file named in
+  SimCLR, NVIDIA apex, timm, DeepSpeed, Keras 3). Each follows the algorithm of the source file named in
   its docstring, written out in its own operation order.
 
 Every test runs several steps with fresh random gradients on three tensors of different shapes and
@@ -447,6 +447,42 @@ class TimmLars:
                         self.buf[n].mul_(self.momentum).add_(grad, alpha=1 - self.dampening)
                     grad = grad + self.momentum * self.buf[n] if self.nesterov else self.buf[n]
                 p.add_(grad, alpha=-self.lr)
+
+
+class SimCLRLars:
+    """google-research/simclr, lars_optimizer.py (``LARSOptimizer``; TF1 ``apply_gradients`` and TF2
+    ``_resource_apply_dense`` do the same).
+
+    grad += weight_decay * param where the name is not excluded. classic_momentum=True: ratio =
+    eeta ||param|| / ||grad|| (1 if a norm is 0) where adapted; v = momentum v + lr ratio grad;
+    param -= v (nesterov: momentum v + lr ratio grad). classic_momentum=False: v = momentum v + grad,
+    update = v (nesterov: momentum v + grad); param -= lr eeta ||param|| / ||update|| * update.
+    ``lr`` is a function of the step count from 0 (a schedule), as a TF learning-rate tensor.
+    """
+
+    def __init__(self, lr, momentum=0.9, weight_decay=0.0, eeta=0.001, exclude=(), classic_momentum=True,
+                 nesterov=False):  # fmt: skip
+        self.lr, self.momentum, self.wd, self.eeta = lr, momentum, weight_decay, eeta
+        self.exclude, self.classic, self.nesterov = exclude, classic_momentum, nesterov
+        self.v, self.count = {}, 0
+
+    def __call__(self, x, g):
+        lr = self.lr(self.count)
+        self.count += 1
+        for n, param in x.items():
+            excluded = any(re.search(r, n) for r in self.exclude)
+            grad = g[n] if excluded else g[n] + self.wd * param
+            v = self.v.setdefault(n, torch.zeros_like(param))
+            if self.classic:
+                ratio = 1.0 if excluded else self.eeta * ratio_of(param, grad)
+                v.copy_(self.momentum * v + lr * ratio * grad)
+                update = self.momentum * v + lr * ratio * grad if self.nesterov else v.clone()
+                param.copy_(param - update)
+            else:
+                v.copy_(self.momentum * v + grad)
+                update = self.momentum * v + grad if self.nesterov else v.clone()
+                ratio = 1.0 if excluded else self.eeta * ratio_of(param, update)
+                param.copy_(param - lr * ratio * update)
 
 
 class DeepSpeedFusedLamb:
@@ -924,6 +960,52 @@ def test_timm_lars(case, path):
         unclipped = run_torch(lambda m: Lars(named_groups(m, spec), lr=lr, momentum=mom, nesterov=opts["nesterov"],
                                              mode="classic"), init, grads)  # fmt: skip
         assert max_rel_diff(unclipped, ref) > 1e-4
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_simclr_lars_classic_momentum(nesterov, path):
+    """SimCLR's LARS (classic_momentum=True, the default): the ratio of g + wd x, no epsilon, and
+    the lr-scaled step in the buffer -> Lars(mode="classic", denominator="combined",
+    lr_in_momentum=True, eps=0, trust_coefficient=eeta); its exclusion list (from decay and
+    adaptation alike) -> a group with weight_decay=0 and adapt=False. Under a schedule."""
+    wd, eeta, mom = 0.01, 0.01, 0.9
+    schedule = lambda count: 0.5 * (1 - count / (2 * STEPS))  # noqa: E731
+    init, grads = initial_values(), gradients()
+    ref = run_peer(SimCLRLars(schedule, mom, wd, eeta, exclude=["bias"], nesterov=nesterov), init, grads)
+    ours = run_torch(
+        lambda m: Lars(param_groups(m, wd), lr=schedule(0), momentum=mom, trust_coefficient=eeta, eps=0.0,
+                       nesterov=nesterov, mode="classic", denominator="combined", lr_in_momentum=True,
+                       **PATHS[path]),
+        init, grads, before_step=lr_schedule(lambda t: schedule(t - 1)),
+    )  # fmt: skip
+    assert_trajectories(ours, ref, init, rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_simclr_lars_without_classic_momentum(nesterov, path):
+    """SimCLR's LARS with classic_momentum=False normalises the (undampened) momentum of g + wd x:
+    the paper's Algorithm 1. Our "paper" mode dampens the buffer by 1 - momentum, a factor the
+    ratio cancels when eps = 0, so Lars(mode="paper", eps=0, trust_coefficient=eeta) matches,
+    with Nesterov too. Excluded (not adapted) parameters move by lr times the buffer itself, so
+    their group takes lr / (1 - momentum)."""
+    wd, eeta, mom = 0.01, 0.5, 0.9
+    schedule = lambda count: 0.1 * (1 - count / (2 * STEPS))  # noqa: E731
+    init, grads = initial_values(), gradients()
+    ref = run_peer(SimCLRLars(schedule, mom, wd, eeta, exclude=["bias"], classic_momentum=False, nesterov=nesterov),
+                   init, grads)  # fmt: skip
+
+    def set_lr(opt, t):
+        for group in opt.param_groups:
+            group["lr"] = schedule(t - 1) if group["adapt"] else schedule(t - 1) / (1 - mom)
+
+    ours = run_torch(
+        lambda m: Lars(param_groups(m, wd), lr=schedule(0), momentum=mom, trust_coefficient=eeta, eps=0.0,
+                       nesterov=nesterov, mode="paper", **PATHS[path]),
+        init, grads, before_step=set_lr,
+    )  # fmt: skip
+    assert_trajectories(ours, ref, init, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
