@@ -92,6 +92,8 @@ LAMB_OPTIONS = [
     dict(decay_in_ratio=False, nesterov="both", max_grad_norm=0.5),
     dict(trust_clip=(0.01, 10.0)),
     dict(trust_clip=(0.9, 1.1), decay_in_ratio=False, phi=(0.5, 2.0)),
+    dict(grad_averaging=False),
+    dict(grad_averaging=False, nesterov="both"),
 ]
 LARS_OPTIONS = [
     dict(),
@@ -146,7 +148,7 @@ def test_lars_torch_backend_matches_reference(options, torch_backend):
 
 @pytest.mark.parametrize(
     "cls,kw",
-    [(Lamb, dict(nesterov="both", max_grad_norm=1.0)), (Lamb, dict(decay_in_ratio=False, trust_clip=(0.5, 2.0))),
+    [(Lamb, dict(nesterov="both", max_grad_norm=1.0)), (Lamb, dict(decay_in_ratio=False, trust_clip=(0.5, 2.0), grad_averaging=False)),
      (Lars, dict(nesterov=True)),
      (Lars, dict(mode="classic", denominator="combined", lr_in_momentum=True, nesterov=True))],
 )  # fmt: skip
@@ -171,7 +173,7 @@ def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
     steps = [torch.zeros((), device=meta) for _ in xs]
     w, u, r = run(_fused.fused_lamb(
         xs, like(), like(), like(), steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
-        decay_in_ratio=False, bias_correction=True, adapt=True, phi=None, trust_clip=(0.01, 10.0), nesterov="both", ok=ok,
+        decay_in_ratio=False, bias_correction=True, grad_averaging=False, adapt=True, phi=None, trust_clip=(0.01, 10.0), nesterov="both", ok=ok,
         grad_scale=scale, reduce=lambda t: t,
     ))  # fmt: skip
     assert w.device == meta and w.shape == (len(xs),)

@@ -83,6 +83,19 @@ def test_decay_outside_the_ratio_first_step_exact_numbers(path):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_without_grad_averaging_first_step_exact_numbers(path):
+    # grad_averaging=False: m = g = (1, -2), m_hat = m / 0.1 = (10, -20), v_hat = g^2, r = (10, -10);
+    # u = r + 0.5 * (3, 4) = (11.5, -8), ||u|| = sqrt(196.25); x1 = x - 0.1 * 5/sqrt(196.25) * u.
+    p = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
+    p.grad = torch.tensor([1.0, -2.0], dtype=F64)
+    opt = Lamb([p], lr=0.1, eps=0.0, weight_decay=0.5, grad_averaging=False, **path)
+    opt.step()
+    e = 0.1 * 5 / math.sqrt(196.25)
+    torch.testing.assert_close(p.detach(), torch.tensor([3.0 - 11.5 * e, 4.0 + 8 * e], dtype=F64), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor([1.0, -2.0], dtype=F64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_trust_clip_bounds_by_hand(path):
     # First step, eps = 0, wd = 0: u = sign(g), ||u|| = 2 for 4 elements; ratio = ||x|| / 2.
     # ||x|| = 200 -> 100, clamped to hi = 10; ||x|| = 2e-4 -> 1e-4, clamped to lo = 0.01;
@@ -162,6 +175,8 @@ OPTION_TABLE = [
     dict(decay_in_ratio=False, nesterov="first", max_grad_norm=0.5),
     dict(trust_clip=(0.01, 10.0)),
     dict(trust_clip=(0.9, 1.1), phi=(0.5, 2.0)),
+    dict(grad_averaging=False),
+    dict(grad_averaging=False, nesterov="first"),
 ]
 
 

@@ -368,15 +368,16 @@ class TimmLamb:
     caution=False, corrected_weight_decay=False).
 
     Global clipping: gradients divided by max(||g|| / max_grad_norm, 1). m updated with lerp
-    (grad_averaging), v = beta2 v + (1 - beta2) g^2; update = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps).
+    (grad_averaging; without it m = beta1 m + g), v = beta2 v + (1 - beta2) g^2; update = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps).
     decoupled_decay=False: update += wd * p; True: p -= lr * wd * p first. The ratio ||p|| / ||update||
     (1 if either is 0; capped at 1 with trust_clip) is applied where the group's wd != 0 or
     always_adapt. Then p -= lr * update.
     """
 
     def __init__(self, groups, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=1.0,
-                 trust_clip=False, always_adapt=False, decoupled_decay=False):  # fmt: skip
+                 trust_clip=False, always_adapt=False, decoupled_decay=False, grad_averaging=True):  # fmt: skip
         self.groups = [{"names": names, "weight_decay": wd, "step": 0} for names, wd in groups]
+        self.grad_averaging = grad_averaging
         self.lr, self.bias_correction, self.betas, self.eps = lr, bias_correction, betas, eps
         self.max_grad_norm, self.trust_clip, self.always_adapt = max_grad_norm, trust_clip, always_adapt
         self.decoupled_decay = decoupled_decay
@@ -394,7 +395,10 @@ class TimmLamb:
                 grad = g[n] if clip is None else g[n] / clip
                 m = self.m.setdefault(n, torch.zeros_like(p))
                 v = self.v.setdefault(n, torch.zeros_like(p))
-                m.lerp_(grad, 1 - b1)
+                if self.grad_averaging:
+                    m.lerp_(grad, 1 - b1)
+                else:
+                    m.mul_(b1).add_(grad)
                 v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
                 denom = v.sqrt() / bc2**0.5 + self.eps
                 update = (m / bc1) / denom
@@ -863,10 +867,26 @@ def test_global_clipping_epsilon(peer, path):
     assert_trajectories(ours(0.0), ref, init, rtol=1e-12)
 
 
-def test_apex_l2_mode_and_no_grad_averaging_are_not_reproducible():
-    """apex adam_w_mode=False adds decay * p to the gradient (inside the moments), and
-    grad_averaging=False accumulates m = beta1 m + g; our Lamb has neither, so the closest
-    configuration (the one that matches apex's defaults) differs by far more than rounding."""
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("nvlamb", [False, True])
+def test_apex_without_grad_averaging(nvlamb, path):
+    """apex grad_averaging=False accumulates m = beta1 m + g (bias correction unchanged) ->
+    grad_averaging=False; use_nvlamb=True adapts every parameter -> adapt=True everywhere."""
+    lr, wd = 0.02, 0.01
+    init, grads = initial_values(), gradients(scale=0.1)
+    ref = run_peer(ApexFusedLamb([(WEIGHTS, wd), (BIAS, 0.0)], lr=lr, eps=1e-6, grad_averaging=False,
+                                 use_nvlamb=nvlamb), init, grads)  # fmt: skip
+    spec = [(WEIGHTS, dict(weight_decay=wd)), (BIAS, dict(weight_decay=0.0, adapt=nvlamb))]
+    ours = run_torch(
+        lambda m: Lamb(named_groups(m, spec), lr=lr, eps=1e-6, grad_averaging=False, **PATHS[path]), init, grads,
+    )  # fmt: skip
+    assert_trajectories(ours, ref, init, rtol=1e-12)
+
+
+def test_apex_l2_mode_is_not_reproducible():
+    """apex adam_w_mode=False adds decay * p to the gradient (inside the moments); our Lamb has no
+    such mode, so the closest configuration (the one that matches apex's default adam_w_mode=True)
+    differs by far more than rounding."""
     lr, wd = 0.02, 0.01
     init, grads = initial_values(), gradients(scale=0.1)
     ours = run_torch(
@@ -874,9 +894,8 @@ def test_apex_l2_mode_and_no_grad_averaging_are_not_reproducible():
                        lr=lr, eps=1e-6),
         init, grads,
     )  # fmt: skip
-    for option in (dict(adam_w_mode=False), dict(grad_averaging=False)):
-        ref = run_peer(ApexFusedLamb([(WEIGHTS, wd), (BIAS, 0.0)], lr=lr, eps=1e-6, **option), init, grads)
-        assert max_rel_diff(ours, ref) > 1e-4, option
+    ref = run_peer(ApexFusedLamb([(WEIGHTS, wd), (BIAS, 0.0)], lr=lr, eps=1e-6, adam_w_mode=False), init, grads)
+    assert max_rel_diff(ours, ref) > 1e-4
 
 
 # timm's Lamb divides sqrt(v) by sqrt(bias_correction2) separately and updates m with lerp: the same
@@ -888,6 +907,7 @@ TIMM_LAMB_CASES = {
     "defaults": dict(bias_correction=True, trust_clip=False, always_adapt=False),
     "trust_clip": dict(bias_correction=True, trust_clip=True, always_adapt=False),
     "no-bias-correction-always-adapt": dict(bias_correction=False, trust_clip=False, always_adapt=True),
+    "no-grad-averaging": dict(bias_correction=True, trust_clip=False, always_adapt=False, grad_averaging=False),
 }
 
 
@@ -906,7 +926,8 @@ def test_timm_lamb(case, path):
     spec = [(WEIGHTS, dict(weight_decay=wd)), (BIAS, dict(weight_decay=0.0, adapt=opts["always_adapt"]))]
     ours = run_torch(
         lambda m: Lamb(named_groups(m, spec), lr=lr, eps=1e-6, bias_correction=opts["bias_correction"],
-                       trust_clip=opts["trust_clip"], max_grad_norm=mgn, **PATHS[path]),
+                       trust_clip=opts["trust_clip"], grad_averaging=opts.get("grad_averaging", True),
+                       max_grad_norm=mgn, **PATHS[path]),
         init, grads,
     )  # fmt: skip
     assert_trajectories(ours, ref, init, rtol=TIMM_LAMB_RTOL)

@@ -106,10 +106,11 @@ class _StepArgs(ctypes.Structure):
         ("decay", ctypes.c_double),
         ("norm_wd", ctypes.c_double),
         ("lr_in_momentum", ctypes.c_int32),
+        ("beta3", ctypes.c_double),
     ]
 
 
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _lock = threading.Lock()
 _kernels: dict[tuple, ctypes.CDLL | None] = {}  # (optimizer, dtype, grad code) -> library, None: failed
 _kernel_info: dict[tuple, dict] = {}
@@ -327,12 +328,12 @@ def _run_cpu(lib: ctypes.CDLL, args: _StepArgs) -> None:
 
 def fused_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
-    bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """LAMB on one bucket, in place, with the semantics of ``_multi_tensor_lamb``."""
     kw = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_in_ratio=decay_in_ratio,
-        bias_correction=bias_correction,
+        bias_correction=bias_correction, grad_averaging=grad_averaging,
         adapt=adapt, phi=phi, trust_clip=trust_clip, nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
     )  # fmt: skip
     if not params:
@@ -366,6 +367,7 @@ def fused_lamb(
         grad_scale=gs, coefficient=1.0, ratio_eps=0.0, ratio_wd=0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
         clip_lo=clip[0] if clip else 0.0, clip_hi=clip[1] if clip else 0.0, decay=shrink,
+        beta3=1 - beta1 if grad_averaging else 1.0,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -447,6 +449,7 @@ def fused_lars(
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
         clip_lo=0.0, clip_hi=1.0, decay=1.0,
         norm_wd=weight_decay if classic and denominator == "combined" else 0.0, lr_in_momentum=int(lr_in_momentum),
+        beta3=1 - momentum,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -508,12 +511,12 @@ def _lamb_direction(x, g, m, v, coef, eps: float, weight_decay: float, nesterov:
     return u + x * weight_decay
 
 
-def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta2: float, eps: float, weight_decay: float,
-                nesterov: int, shrink: float) -> Tensor:  # fmt: skip
+def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta3: float, beta2: float, eps: float,
+                weight_decay: float, nesterov: int, shrink: float) -> Tensor:  # fmt: skip
     g = _effective_grad(g, x.dtype, ok, grad_scale)
     if shrink != 1.0:
         x = x * shrink
-    m_new = _keep_unless(ok, m * beta1 + g * (1 - beta1), m)
+    m_new = _keep_unless(ok, m * beta1 + g * beta3, m)
     v_new = _keep_unless(ok, v * beta2 + ((1 - beta2) * g) * g, v)
     m.copy_(m_new)
     v.copy_(v_new)
@@ -593,7 +596,7 @@ def _flat(*lists: list[Tensor]) -> list[list[Tensor]]:
     return out
 
 
-def _lamb_coefficients(steps, dt, beta1, beta2, bias_correction, nesterov) -> Tensor:
+def _lamb_coefficients(steps, dt, beta1, beta3, beta2, bias_correction, nesterov) -> Tensor:
     """[n, 4] per-tensor (am, ag, bv, bg); see csrc/layerwise_step.cpp."""
     from largebatch.optim.lamb import _bias_correction
 
@@ -604,7 +607,7 @@ def _lamb_coefficients(steps, dt, beta1, beta2, bias_correction, nesterov) -> Te
     am, ag, bv, bg = 1 / bc1, zero, 1 / bc2, zero
     if nesterov is not None:
         am = beta1 / _bias_correction(beta1, t + 1, bias_correction)
-        ag = (1 - beta1) / bc1
+        ag = beta3 / bc1
     if nesterov == "both":
         bv = beta2 / _bias_correction(beta2, t + 1, bias_correction)
         bg = (1 - beta2) / bc2
@@ -618,21 +621,22 @@ def _stacked_sums(sums: list[Tensor]) -> Tensor:
 
 def _torch_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
-    bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     dt, device = params[0].dtype, params[0].device
     weight_decay, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
+    beta3 = 1 - beta1 if grad_averaging else 1.0
     if ok is None:
         torch._foreach_add_(steps, 1)
     else:  # a list of 0-d tensors: never read on the host
         torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))
-    coef = _lamb_coefficients(steps, dt, beta1, beta2, bias_correction, nesterov)
+    coef = _lamb_coefficients(steps, dt, beta1, beta3, beta2, bias_correction, nesterov)
     gs = None if grad_scale is None else grad_scale.to(dt)
     nest = {None: 0, "first": 1, "both": 2}[nesterov]
     pass1, pass2 = _pass("_lamb_pass1", device), _pass("_lamb_pass2", device)
     flat = _flat(params, grads, exp_avgs, exp_avg_sqs)
     sums = [
-        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta2, eps, weight_decay, nest, shrink)
+        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta3, beta2, eps, weight_decay, nest, shrink)
         for i, (x, g, m, v) in enumerate(zip(*flat))
     ]
 

@@ -61,7 +61,9 @@ class Lamb(LayerwiseOptimizer):
         nesterov="both" (NN-LAMB):  m_hat as N-LAMB,
                                     v_hat = beta2 * v_t / (1 - beta2**(t+1)) + (1 - beta2) * g_t**2 / (1 - beta2**t)
 
-    With ``bias_correction=False`` every ``1 - beta**k`` denominator above is replaced by 1.
+    With ``bias_correction=False`` every ``1 - beta**k`` denominator above is replaced by 1. With
+    ``grad_averaging=False`` every ``(1 - beta1) * g_t`` term above is ``g_t`` instead (apex, timm and
+    pytorch_optimizer's ``grad_averaging`` flag); the bias correction stays ``1 - beta1**t``.
 
     Args:
         params: parameters or parameter groups (see :func:`largebatch.param_groups`).
@@ -74,6 +76,8 @@ class Lamb(LayerwiseOptimizer):
             the ratio uses the shrunk x and the Adam direction alone (Keras 3, pytorch_optimizer).
         bias_correction: divide the moments by (1 - beta**t). True as in TF Addons; the original
             TensorFlow/ALBERT code uses False.
+        grad_averaging: True: m_t = beta1 * m_{t-1} + (1 - beta1) * g_t (the paper); False: m_t =
+            beta1 * m_{t-1} + g_t (the non-default of apex FusedLAMB, timm and pytorch_optimizer).
         adapt: per-group switch of the trust ratio (False: ratio = 1, as for biases/norms in BERT).
         phi: None for phi(z) = z, or (gamma_l, gamma_u) for phi(z) = min(max(z, gamma_l), gamma_u).
         trust_clip: False; True caps the ratio at 1 ("LAMBC", timm's trust_clip); a pair (lo, hi)
@@ -123,6 +127,7 @@ class Lamb(LayerwiseOptimizer):
         weight_decay: float = 0.0,
         bias_correction: bool = True,
         *,
+        grad_averaging: bool = True,
         decay_in_ratio: bool = True,
         adapt: bool = True,
         phi: tuple[float, float] | None = None,
@@ -143,6 +148,7 @@ class Lamb(LayerwiseOptimizer):
             weight_decay=weight_decay,
             decay_in_ratio=decay_in_ratio,
             bias_correction=bias_correction,
+            grad_averaging=grad_averaging,
             adapt=adapt,
             phi=phi,
             trust_clip=tuple(trust_clip) if isinstance(trust_clip, list) else trust_clip,
@@ -169,7 +175,7 @@ class Lamb(LayerwiseOptimizer):
         check_phi(group["phi"])
         check_trust_clip(group["trust_clip"])
         check_choice("nesterov", group["nesterov"], NESTEROV_MODES)
-        for flag in ("bias_correction", "decay_in_ratio", "adapt"):
+        for flag in ("bias_correction", "grad_averaging", "decay_in_ratio", "adapt"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
 
@@ -195,6 +201,7 @@ class Lamb(LayerwiseOptimizer):
             weight_decay=group["weight_decay"],
             decay_in_ratio=group["decay_in_ratio"],
             bias_correction=group["bias_correction"],
+            grad_averaging=group["grad_averaging"],
             adapt=group["adapt"],
             phi=group["phi"],
             trust_clip=group["trust_clip"],
@@ -219,6 +226,7 @@ def lamb(
     weight_decay: float,
     decay_in_ratio: bool = True,
     bias_correction: bool = True,
+    grad_averaging: bool = True,
     adapt: bool = True,
     phi: tuple[float, float] | None = None,
     trust_clip: bool | tuple[float, float] = False,
@@ -240,7 +248,7 @@ def lamb(
         _lamb_impl(fused=fused, foreach=foreach)(
             params, grads, exp_avgs, exp_avg_sqs, steps,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_in_ratio=decay_in_ratio,
-            bias_correction=bias_correction, adapt=adapt, phi=phi, trust_clip=trust_clip,
+            bias_correction=bias_correction, grad_averaging=grad_averaging, adapt=adapt, phi=phi, trust_clip=trust_clip,
             nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
         )
     )  # fmt: skip
@@ -257,7 +265,7 @@ def _lamb_impl(*, fused: bool, foreach: bool):
 
 def _single_tensor_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
-    bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """The reference: Algorithm 2 written out for one tensor at a time.
 
@@ -265,6 +273,7 @@ def _single_tensor_lamb(
     the norms of every tensor (one request when sharded), then line 10: x -= lr * ratio * u.
     """
     n = len(params)
+    beta3 = 1 - beta1 if grad_averaging else 1.0  # the factor of g in the first moment
     if n == 0 or (ok is not None and not bool(ok)):  # skip: nothing changes (this may sync; it is the reference)
         zero = torch.zeros(n)
         return zero, zero, torch.ones(n)
@@ -276,7 +285,7 @@ def _single_tensor_lamb(
         step_t += 1
         t = step_t.to(x.dtype)
 
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        m.mul_(beta1).add_(g, alpha=beta3)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
         def bc(beta: float, k: Tensor) -> Tensor:
@@ -285,7 +294,7 @@ def _single_tensor_lamb(
         if nesterov is None:
             m_hat = m / bc(beta1, t)
         else:
-            m_hat = m * (beta1 / bc(beta1, t + 1)) + g * ((1 - beta1) / bc(beta1, t))
+            m_hat = m * (beta1 / bc(beta1, t + 1)) + g * (beta3 / bc(beta1, t))
         if nesterov == "both":
             v_hat = v * (beta2 / bc(beta2, t + 1)) + (g * g) * ((1 - beta2) / bc(beta2, t))
         else:
@@ -321,7 +330,7 @@ def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
 
 def _multi_tensor_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
-    bias_correction, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """Algorithm 2 on lists of tensors with ``torch._foreach_*``; per-tensor scalars live in tensors.
 
@@ -332,6 +341,7 @@ def _multi_tensor_lamb(
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     dt = params[0].dtype
     device = params[0].device
+    beta3 = 1 - beta1 if grad_averaging else 1.0  # the factor of g in the first moment
     g = [gr if gr.dtype == dt else gr.to(dt) for gr in grads]
     if ok is not None:
         g = [torch.where(ok, gi, torch.zeros((), dtype=dt, device=device)) for gi in g]
@@ -349,7 +359,7 @@ def _multi_tensor_lamb(
         one = torch.ones((), dtype=dt, device=device)
         torch._foreach_mul_(exp_avgs, torch.where(ok, beta1 * one, one))
         torch._foreach_mul_(exp_avg_sqs, torch.where(ok, beta2 * one, one))
-    torch._foreach_add_(exp_avgs, g, alpha=1 - beta1)
+    torch._foreach_add_(exp_avgs, g, alpha=beta3)
     torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
 
     bc1 = _bias_correction(beta1, t, bias_correction)
@@ -358,7 +368,7 @@ def _multi_tensor_lamb(
         m_hat = torch._foreach_div(exp_avgs, bc1.unbind())
     else:
         m_hat = torch._foreach_mul(exp_avgs, (beta1 / _bias_correction(beta1, t + 1, bias_correction)).unbind())
-        torch._foreach_add_(m_hat, torch._foreach_mul(g, ((1 - beta1) / bc1).unbind()))
+        torch._foreach_add_(m_hat, torch._foreach_mul(g, (beta3 / bc1).unbind()))
     if nesterov == "both":
         v_hat = torch._foreach_mul(exp_avg_sqs, (beta2 / _bias_correction(beta2, t + 1, bias_correction)).unbind())
         g2 = torch._foreach_mul(g, g)

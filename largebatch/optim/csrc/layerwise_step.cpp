@@ -98,6 +98,7 @@ struct StepArgs {
   double decay;           // LAMB: x is multiplied by this before the ratio sees it (1 - lr * lambda, or 1)
   double norm_wd;         // LARS classic: the measured norm is ||g + norm_wd x|| (0: ||g||)
   int32_t lr_in_momentum; // LARS classic: b = mom b + lr d, x -= b (TensorFlow, optax); 0: x -= lr b
+  double beta3;           // LAMB: the factor of g in the first moment (1 - beta1, or 1 without grad averaging)
 };
 
 }  // extern "C"
@@ -126,7 +127,7 @@ T ratio_of(const StepArgs& a, T w, T d) {
 
 // ------------------------------------------------------------------------------------------------
 // LAMB. Per-tensor coefficients (from the step count t, after its increment):
-//   m_hat = m * am + g * ag      am = 1/bc1(t), ag = 0; Nesterov: am = beta1/bc1(t+1), ag = (1-beta1)/bc1(t)
+//   m_hat = m * am + g * ag      am = 1/bc1(t), ag = 0; Nesterov: am = beta1/bc1(t+1), ag = beta3/bc1(t)
 //   v_hat = v * bv + g^2 * bg    bv = 1/bc2(t), bg = 0; "both":   bv = beta2/bc2(t+1), bg = (1-beta2)/bc2(t)
 template <typename T>
 struct LambCoef {
@@ -146,7 +147,7 @@ struct Lamb {
   T b1, c1, b2, c2, eps, wd, gs, sh;
 
   Lamb(const StepArgs& args, const std::vector<LambCoef<T>>& c)
-      : a(args), coef(c), b1(T(args.beta1)), c1(T(1.0 - args.beta1)), b2(T(args.beta2)),
+      : a(args), coef(c), b1(T(args.beta1)), c1(T(args.beta3)), b2(T(args.beta2)),
         c2(T(1.0 - args.beta2)), eps(T(args.eps)), wd(T(args.weight_decay)), gs(T(args.grad_scale)),
         sh(T(args.decay)) {}
 
@@ -473,7 +474,7 @@ void lamb_typed(const StepArgs& a) {
     k.bg = T(0);
     if (a.nesterov >= 1) {
       k.am = T(a.beta1) / bias_correction<T>(a, a.beta1, t + T(1));
-      k.ag = T(1.0 - a.beta1) / bc1;
+      k.ag = T(a.beta3) / bc1;
     }
     if (a.nesterov == 2) {
       k.bv = T(a.beta2) / bias_correction<T>(a, a.beta2, t + T(1));
@@ -576,7 +577,7 @@ int lb_step(const StepArgs* a) {
   return 0;
 }
 
-int lb_abi_version(void) { return 4; }
+int lb_abi_version(void) { return 5; }
 
 int lb_scalar_bytes(void) { return static_cast<int>(sizeof(LB_SCALAR)); }
 
