@@ -25,6 +25,7 @@ ERRORS = [
     (Lamb, dict(nesterov=True), ValueError, r"Invalid nesterov: True"),
     (Lamb, dict(bias_correction="yes"), ValueError, r"Invalid bias_correction: 'yes'; it must be True or False"),
     (Lamb, dict(decay_in_ratio=None), ValueError, r"Invalid decay_in_ratio: None; it must be True or False"),
+    (Lamb, dict(eps_root=-1.0), ValueError, r"Invalid eps_root value: -1.0; it must be a finite number >= 0"),
     (Lamb, dict(grad_averaging=0), ValueError, r"Invalid grad_averaging: 0; it must be True or False"),
     (Lamb, dict(trust_clip="yes"), ValueError, r"Invalid trust_clip: 'yes'; it must be True \(ratio capped at 1\), False, or a pair \(lo, hi\)"),
     (Lamb, dict(trust_clip=(0.5,)), ValueError, r"Invalid trust_clip: \(0.5,\)"),

@@ -94,6 +94,8 @@ LAMB_OPTIONS = [
     dict(trust_clip=(0.9, 1.1), decay_in_ratio=False, phi=(0.5, 2.0)),
     dict(grad_averaging=False),
     dict(grad_averaging=False, nesterov="both"),
+    dict(eps_root=1e-8),
+    dict(eps=0.0, eps_root=1e-6, bias_correction=False, nesterov="first"),
 ]
 LARS_OPTIONS = [
     dict(),
@@ -172,7 +174,7 @@ def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
     like = lambda: [torch.empty_like(x) for x in xs]  # noqa: E731
     steps = [torch.zeros((), device=meta) for _ in xs]
     w, u, r = run(_fused.fused_lamb(
-        xs, like(), like(), like(), steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+        xs, like(), like(), like(), steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, eps_root=1e-12, weight_decay=0.01,
         decay_in_ratio=False, bias_correction=True, grad_averaging=False, adapt=True, phi=None, trust_clip=(0.01, 10.0), nesterov="both", ok=ok,
         grad_scale=scale, reduce=lambda t: t,
     ))  # fmt: skip

@@ -96,6 +96,17 @@ def test_without_grad_averaging_first_step_exact_numbers(path):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_eps_root_first_step_exact_numbers(path):
+    # eps = 0, eps_root = 3: v_hat = g^2 = (1, 4), denominators sqrt(4) = 2 and sqrt(7);
+    # r = (1/2, -2/sqrt(7)); x1 = x - 0.1 * 5/||r|| * r.
+    p = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
+    p.grad = torch.tensor([1.0, -2.0], dtype=F64)
+    Lamb([p], lr=0.1, eps=0.0, eps_root=3.0, **path).step()
+    r = torch.tensor([0.5, -2 / math.sqrt(7)], dtype=F64)
+    torch.testing.assert_close(p.detach(), torch.tensor([3.0, 4.0], dtype=F64) - 0.5 / r.norm() * r, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_trust_clip_bounds_by_hand(path):
     # First step, eps = 0, wd = 0: u = sign(g), ||u|| = 2 for 4 elements; ratio = ||x|| / 2.
     # ||x|| = 200 -> 100, clamped to hi = 10; ||x|| = 2e-4 -> 1e-4, clamped to lo = 0.01;
@@ -177,6 +188,8 @@ OPTION_TABLE = [
     dict(trust_clip=(0.9, 1.1), phi=(0.5, 2.0)),
     dict(grad_averaging=False),
     dict(grad_averaging=False, nesterov="first"),
+    dict(eps_root=1e-8),
+    dict(eps=0.0, eps_root=1e-6, nesterov="both"),
 ]
 
 

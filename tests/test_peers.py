@@ -721,18 +721,26 @@ def test_tf_addons_lamb(masks, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_optax_lamb(path):
+@pytest.mark.parametrize("eps_root", [0.0, 1e-4])
+def test_optax_lamb(eps_root, path):
     """optax.lamb: Adam, then add_decayed_weights with a mask, then the trust ratio on every
-    parameter (optax.lamb has no trust-ratio mask) -> param_groups(..., exclude_from_adaptation="none")."""
+    parameter (optax.lamb has no trust-ratio mask) -> param_groups(..., exclude_from_adaptation="none");
+    its eps_root (inside the square root) -> eps_root."""
     lr, wd = 0.02, 0.01
     init, grads = initial_values(zero_bias=True), gradients()
-    ref = run_peer(optax_lamb(lr, eps=1e-6, weight_decay=wd, mask=lambda n: "bias" not in n), init, grads)
+    ref = run_peer(optax_lamb(lr, eps=1e-6, eps_root=eps_root, weight_decay=wd, mask=lambda n: "bias" not in n),
+                   init, grads)  # fmt: skip
     ours = run_torch(
         lambda m: Lamb(param_groups(m, wd, exclude_from_weight_decay=["*bias"], exclude_from_adaptation="none"),
-                       lr=lr, eps=1e-6, **PATHS[path]),
+                       lr=lr, eps=1e-6, eps_root=eps_root, **PATHS[path]),
         init, grads,
     )  # fmt: skip
     assert_trajectories(ours, ref, init, rtol=1e-12)
+    if eps_root:  # it matters at this gradient scale
+        without = run_torch(lambda m: Lamb(param_groups(m, wd, exclude_from_weight_decay=["*bias"],
+                                                        exclude_from_adaptation="none"), lr=lr, eps=1e-6),
+                            init, grads)  # fmt: skip
+        assert max_rel_diff(without, ref) > 1e-4
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -1080,19 +1088,24 @@ def test_deepspeed_zero_norm_ratio_stays_one(path):
     assert_trajectories(ours, ref, init, rtol=1e-12)
 
 
-def test_deepspeed_eps_inside_sqrt_is_not_reproducible():
-    """DeepSpeed FusedLamb(eps_inside_sqrt=True) divides by sqrt(v + eps); we add eps to sqrt(v) only,
-    so neither our eps nor eps=0 reproduces it (here by far more than rounding)."""
+@pytest.mark.parametrize("path", PATHS)
+def test_deepspeed_eps_inside_sqrt(path):
+    """DeepSpeed FusedLamb(eps_inside_sqrt=True) divides by sqrt(v + eps) -> eps=0, eps_root=eps
+    (with bias_correction=False, as its moments are never corrected); adding the same eps outside
+    the square root instead differs by far more than rounding."""
     lr, betas, eps, wd = 0.02, (0.9, 0.999), 1e-8, 0.01
     init, grads = initial_values(), gradients()
     ref = run_peer(DeepSpeedFusedLamb(lr=lr, betas=betas, eps=eps, eps_inside_sqrt=True, weight_decay=wd), init, grads)
-    for our_eps in (eps, 0.0):
-        ours = run_torch(
-            lambda m: Lamb(m.parameters(), lr=lr, betas=betas, eps=our_eps, weight_decay=wd, bias_correction=False,
-                           trust_clip=(0.01, 10.0)),
+
+    def ours(**kw):
+        return run_torch(
+            lambda m: Lamb(m.parameters(), lr=lr, betas=betas, weight_decay=wd, bias_correction=False,
+                           trust_clip=(0.01, 10.0), **kw, **PATHS[path]),
             init, grads, before_step=lr_schedule(deepspeed_step_size(lr, betas, True)),
         )  # fmt: skip
-        assert max_rel_diff(ours, ref) > 1e-4, our_eps
+
+    assert_trajectories(ours(eps=0.0, eps_root=eps), ref, init, rtol=1e-12)
+    assert max_rel_diff(ours(eps=eps), ref) > 1e-4
 
 
 # Keras updates the moments as m += (g - m)(1 - beta) instead of beta m + (1 - beta) g and decays

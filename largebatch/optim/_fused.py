@@ -107,10 +107,11 @@ class _StepArgs(ctypes.Structure):
         ("norm_wd", ctypes.c_double),
         ("lr_in_momentum", ctypes.c_int32),
         ("beta3", ctypes.c_double),
+        ("eps_root", ctypes.c_double),
     ]
 
 
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _lock = threading.Lock()
 _kernels: dict[tuple, ctypes.CDLL | None] = {}  # (optimizer, dtype, grad code) -> library, None: failed
 _kernel_info: dict[tuple, dict] = {}
@@ -327,13 +328,13 @@ def _run_cpu(lib: ctypes.CDLL, args: _StepArgs) -> None:
 
 
 def fused_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """LAMB on one bucket, in place, with the semantics of ``_multi_tensor_lamb``."""
     kw = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_in_ratio=decay_in_ratio,
-        bias_correction=bias_correction, grad_averaging=grad_averaging,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
+        decay_in_ratio=decay_in_ratio, bias_correction=bias_correction, grad_averaging=grad_averaging,
         adapt=adapt, phi=phi, trust_clip=trust_clip, nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
     )  # fmt: skip
     if not params:
@@ -367,7 +368,7 @@ def fused_lamb(
         grad_scale=gs, coefficient=1.0, ratio_eps=0.0, ratio_wd=0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
         clip_lo=clip[0] if clip else 0.0, clip_hi=clip[1] if clip else 0.0, decay=shrink,
-        beta3=1 - beta1 if grad_averaging else 1.0,
+        beta3=1 - beta1 if grad_averaging else 1.0, eps_root=eps_root,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -493,8 +494,8 @@ def _keep_unless(ok: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return new if ok is None else torch.where(ok, new, old)
 
 
-def _lamb_direction(x, g, m, v, coef, eps: float, weight_decay: float, nesterov: int) -> Tensor:
-    """u = m_hat / (sqrt(v_hat) + eps) + weight_decay * x, with coef = (am, ag, bv, bg) of the tensor.
+def _lamb_direction(x, g, m, v, coef, eps: float, eps_root: float, weight_decay: float, nesterov: int) -> Tensor:
+    """u = m_hat / (sqrt(v_hat + eps_root) + eps) + weight_decay * x, with coef = (am, ag, bv, bg) of the tensor.
 
     ``x`` is the parameter as the ratio sees it: already multiplied by ``shrink`` (1 - lr * lambda)
     when the decay is applied first (``decay_in_ratio=False``; ``weight_decay`` is then 0)."""
@@ -504,7 +505,7 @@ def _lamb_direction(x, g, m, v, coef, eps: float, weight_decay: float, nesterov:
     v_hat = v * coef[2]
     if nesterov == 2:
         v_hat = v_hat + (g * g) * coef[3]
-    den = v_hat.sqrt() + eps
+    den = (v_hat + eps_root if eps_root else v_hat).sqrt() + eps
     u = m_hat / den
     if eps == 0:
         u = torch.where(den > 0, u, torch.zeros_like(u))
@@ -512,7 +513,7 @@ def _lamb_direction(x, g, m, v, coef, eps: float, weight_decay: float, nesterov:
 
 
 def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta3: float, beta2: float, eps: float,
-                weight_decay: float, nesterov: int, shrink: float) -> Tensor:  # fmt: skip
+                eps_root: float, weight_decay: float, nesterov: int, shrink: float) -> Tensor:  # fmt: skip
     g = _effective_grad(g, x.dtype, ok, grad_scale)
     if shrink != 1.0:
         x = x * shrink
@@ -520,16 +521,16 @@ def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta3: float, be
     v_new = _keep_unless(ok, v * beta2 + ((1 - beta2) * g) * g, v)
     m.copy_(m_new)
     v.copy_(v_new)
-    u = _lamb_direction(x, g, m_new, v_new, coef, eps, weight_decay, nesterov)
+    u = _lamb_direction(x, g, m_new, v_new, coef, eps, eps_root, weight_decay, nesterov)
     return torch.stack([(x * x).sum(), (u * u).sum()])
 
 
-def _lamb_pass2(x, g, m, v, coef, ok, grad_scale, scale, eps: float, weight_decay: float, nesterov: int,
-                shrink: float) -> None:  # fmt: skip
+def _lamb_pass2(x, g, m, v, coef, ok, grad_scale, scale, eps: float, eps_root: float, weight_decay: float,
+                nesterov: int, shrink: float) -> None:  # fmt: skip
     if nesterov >= 1:
         g = _effective_grad(g, x.dtype, ok, grad_scale)
     xs = x * shrink if shrink != 1.0 else x
-    u = _lamb_direction(xs, g, m, v, coef, eps, weight_decay, nesterov)
+    u = _lamb_direction(xs, g, m, v, coef, eps, eps_root, weight_decay, nesterov)
     x.copy_(_keep_unless(ok, xs + u * scale, x))
 
 
@@ -620,7 +621,7 @@ def _stacked_sums(sums: list[Tensor]) -> Tensor:
 
 
 def _torch_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     dt, device = params[0].dtype, params[0].device
@@ -636,7 +637,7 @@ def _torch_lamb(
     pass1, pass2 = _pass("_lamb_pass1", device), _pass("_lamb_pass2", device)
     flat = _flat(params, grads, exp_avgs, exp_avg_sqs)
     sums = [
-        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta3, beta2, eps, weight_decay, nest, shrink)
+        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta3, beta2, eps, eps_root, weight_decay, nest, shrink)
         for i, (x, g, m, v) in enumerate(zip(*flat))
     ]
 
@@ -645,7 +646,7 @@ def _torch_lamb(
         ratio = _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip)
         scale = -lr * ratio
         for i, (x, g, m, v) in enumerate(zip(*flat)):
-            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, weight_decay, nest, shrink)
+            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, eps_root, weight_decay, nest, shrink)
         return w_norm, u_norm, ratio
 
     from largebatch.optim._common import with_global_sums

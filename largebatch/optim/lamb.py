@@ -38,7 +38,7 @@ class Lamb(LayerwiseOptimizer):
         m_t = beta1 * m_{t-1} + (1 - beta1) * g_t
         v_t = beta2 * v_{t-1} + (1 - beta2) * g_t**2
         m_hat = m_t / (1 - beta1**t),  v_hat = v_t / (1 - beta2**t)     (if bias_correction)
-        r_t = m_hat / (sqrt(v_hat) + eps)
+        r_t = m_hat / (sqrt(v_hat + eps_root) + eps)                     (eps_root: 0 by default)
         u_t = r_t + weight_decay * x_t                                   (decay inside the ratio)
         x_{t+1} = x_t - lr * ratio * u_t,  ratio = phi(||x_t||) / ||u_t||
 
@@ -70,6 +70,8 @@ class Lamb(LayerwiseOptimizer):
         lr: learning rate eta (>= 0).
         betas: (beta1, beta2), each in [0, 1).
         eps: added to sqrt(v_hat) (>= 0). Default 1e-6 (BERT practice).
+        eps_root: added to v_hat inside the square root (>= 0; default 0): optax's ``eps_root``;
+            ``eps=0, eps_root=e`` with ``bias_correction=False`` is DeepSpeed's ``eps_inside_sqrt``.
         weight_decay: decoupled weight decay lambda (>= 0), added to the direction before the ratio.
         decay_in_ratio: True (the paper, TF Addons, timm, apex, optax): lambda * x is part of the
             update whose norm the ratio divides by; False: x is first shrunk by (1 - lr * lambda) and
@@ -127,6 +129,7 @@ class Lamb(LayerwiseOptimizer):
         weight_decay: float = 0.0,
         bias_correction: bool = True,
         *,
+        eps_root: float = 0.0,
         grad_averaging: bool = True,
         decay_in_ratio: bool = True,
         adapt: bool = True,
@@ -145,6 +148,7 @@ class Lamb(LayerwiseOptimizer):
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
+            eps_root=eps_root,
             weight_decay=weight_decay,
             decay_in_ratio=decay_in_ratio,
             bias_correction=bias_correction,
@@ -170,6 +174,7 @@ class Lamb(LayerwiseOptimizer):
     def _check_group(group: dict) -> None:
         check_nonneg("learning rate", group["lr"])
         check_nonneg("epsilon", group["eps"])
+        check_nonneg("eps_root", group["eps_root"])
         check_nonneg("weight_decay", group["weight_decay"])
         check_betas(group["betas"])
         check_phi(group["phi"])
@@ -198,6 +203,7 @@ class Lamb(LayerwiseOptimizer):
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
+            eps_root=group["eps_root"],
             weight_decay=group["weight_decay"],
             decay_in_ratio=group["decay_in_ratio"],
             bias_correction=group["bias_correction"],
@@ -224,6 +230,7 @@ def lamb(
     beta2: float,
     eps: float,
     weight_decay: float,
+    eps_root: float = 0.0,
     decay_in_ratio: bool = True,
     bias_correction: bool = True,
     grad_averaging: bool = True,
@@ -247,7 +254,8 @@ def lamb(
     return run(
         _lamb_impl(fused=fused, foreach=foreach)(
             params, grads, exp_avgs, exp_avg_sqs, steps,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_in_ratio=decay_in_ratio,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
+            decay_in_ratio=decay_in_ratio,
             bias_correction=bias_correction, grad_averaging=grad_averaging, adapt=adapt, phi=phi, trust_clip=trust_clip,
             nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
         )
@@ -264,7 +272,7 @@ def _lamb_impl(*, fused: bool, foreach: bool):
 
 
 def _single_tensor_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """The reference: Algorithm 2 written out for one tensor at a time.
@@ -300,7 +308,7 @@ def _single_tensor_lamb(
         else:
             v_hat = v / bc(beta2, t)
 
-        denom = v_hat.sqrt() + eps
+        denom = (v_hat + eps_root if eps_root else v_hat).sqrt() + eps
         u = m_hat / denom
         if eps == 0:  # 0/0 where the second moment is 0: the direction is 0 there, not NaN
             u = torch.where(denom > 0, u, torch.zeros_like(u))
@@ -329,7 +337,7 @@ def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
 
 
 def _multi_tensor_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decay_in_ratio,
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
 ):  # fmt: skip
     """Algorithm 2 on lists of tensors with ``torch._foreach_*``; per-tensor scalars live in tensors.
@@ -376,6 +384,8 @@ def _multi_tensor_lamb(
     else:
         v_hat = torch._foreach_div(exp_avg_sqs, bc2.unbind())
 
+    if eps_root:
+        torch._foreach_add_(v_hat, eps_root)
     torch._foreach_sqrt_(v_hat)
     torch._foreach_add_(v_hat, eps)
     u = torch._foreach_div(m_hat, v_hat)

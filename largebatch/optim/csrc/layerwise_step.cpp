@@ -99,6 +99,7 @@ struct StepArgs {
   double norm_wd;         // LARS classic: the measured norm is ||g + norm_wd x|| (0: ||g||)
   int32_t lr_in_momentum; // LARS classic: b = mom b + lr d, x -= b (TensorFlow, optax); 0: x -= lr b
   double beta3;           // LAMB: the factor of g in the first moment (1 - beta1, or 1 without grad averaging)
+  double eps_root;        // LAMB: added to v_hat inside the square root (exactly nothing when 0)
 };
 
 }  // extern "C"
@@ -144,19 +145,20 @@ template <typename T, int G, int NEST, bool EPS0>
 struct Lamb {
   const StepArgs& a;
   const std::vector<LambCoef<T>>& coef;
-  T b1, c1, b2, c2, eps, wd, gs, sh;
+  T b1, c1, b2, c2, eps, er, wd, gs, sh;
 
   Lamb(const StepArgs& args, const std::vector<LambCoef<T>>& c)
       : a(args), coef(c), b1(T(args.beta1)), c1(T(args.beta3)), b2(T(args.beta2)),
-        c2(T(1.0 - args.beta2)), eps(T(args.eps)), wd(T(args.weight_decay)), gs(T(args.grad_scale)),
+        c2(T(1.0 - args.beta2)), eps(T(args.eps)), er(T(args.eps_root)), wd(T(args.weight_decay)),
+        gs(T(args.grad_scale)),
         sh(T(args.decay)) {}
 
-  static inline T direction(T m, T v, T g, T x, const LambCoef<T>& k, T eps, T wd) {
+  static inline T direction(T m, T v, T g, T x, const LambCoef<T>& k, T eps, T er, T wd) {
     T mh = m * k.am;
     if (NEST >= 1) mh = mh + g * k.ag;
     T vh = v * k.bv;
     if (NEST == 2) vh = vh + (g * g) * k.bg;
-    T den = std::sqrt(vh) + eps;
+    T den = std::sqrt(vh + er) + eps;
     T u = mh / den;
     if (EPS0) u = den > T(0) ? u : T(0);  // eps == 0: 0, not 0/0, where sqrt(v_hat) is 0
     return u + x * wd;
@@ -180,6 +182,7 @@ struct Lamb {
     T* __restrict v = static_cast<T*>(a.s2[i]);
     const LambCoef<T> k = coef[i];
     const T b1 = this->b1, c1 = this->c1, b2 = this->b2, c2 = this->c2, eps = this->eps, wd = this->wd, gs = this->gs;
+    const T er = this->er;
     const T sh = this->sh;  // 1, or 1 - lr * lambda: x as the ratio sees it is x * sh (exact when 1)
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
       const int64_t j1 = std::min(hi, j0 + kBlock);
@@ -192,7 +195,7 @@ struct Lamb {
         m[j] = mj;
         v[j] = vj;
         const T xj = x[j] * sh;
-        const T u = direction(mj, vj, gj, xj, k, eps, wd);
+        const T u = direction(mj, vj, gj, xj, k, eps, er, wd);
         if (KEEP) keep[j - lo] = u;
         sw += xj * xj;
         su += u * u;
@@ -218,14 +221,14 @@ struct Lamb {
     const T* __restrict m = static_cast<const T*>(a.s1[i]);
     const T* __restrict v = static_cast<const T*>(a.s2[i]);
     const LambCoef<T> k = coef[i];
-    const T eps = this->eps, wd = this->wd, gs = this->gs;
+    const T eps = this->eps, er = this->er, wd = this->wd, gs = this->gs;
     for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
       const int64_t j0 = std::max(lo, j1 - kBlock);
 #pragma omp simd
       for (int64_t j = j0; j < j1; ++j) {
         const T gj = NEST >= 1 ? GradLoad<T, G>::at(g, j) * gs : T(0);
         const T xj = x[j] * sh;
-        x[j] = xj + direction(m[j], v[j], gj, xj, k, eps, wd) * scale;
+        x[j] = xj + direction(m[j], v[j], gj, xj, k, eps, er, wd) * scale;
       }
     }
   }
@@ -577,7 +580,7 @@ int lb_step(const StepArgs* a) {
   return 0;
 }
 
-int lb_abi_version(void) { return 5; }
+int lb_abi_version(void) { return 6; }
 
 int lb_scalar_bytes(void) { return static_cast<int>(sizeof(LB_SCALAR)); }
 
