@@ -62,22 +62,26 @@ PATHS = [dict(foreach=False), dict(foreach=True, fused=False), dict()]  # refere
 PATH_IDS = ["reference", "foreach", "default"]
 
 
+def first_step(**kw):
+    """One Lamb(**kw) step from x = (3, 4) with g = (1, -2), float64: (the parameter, the optimizer)."""
+    p = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
+    p.grad = torch.tensor([1.0, -2.0], dtype=F64)
+    opt = Lamb([p], **kw)
+    opt.step()
+    return p, opt
+
+
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_decay_outside_the_ratio_first_step_exact_numbers(path):
     # decay_in_ratio=False: x' = x * (1 - lr*wd) = (3, 4) * 0.95 = (2.85, 3.8), ||x'|| = 4.75;
     # r = sign(g) = (1, -1) (eps = 0, first step), ||r|| = sqrt(2); x1 = x' - 0.1 * 4.75/sqrt(2) * (1, -1).
-    p = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
-    p.grad = torch.tensor([1.0, -2.0], dtype=F64)
-    opt = Lamb([p], lr=0.1, eps=0.0, weight_decay=0.5, decay_in_ratio=False, **path)
-    opt.step()
+    p, opt = first_step(lr=0.1, eps=0.0, weight_decay=0.5, decay_in_ratio=False, **path)
     d = 0.475 / math.sqrt(2)
     torch.testing.assert_close(p.detach(), torch.tensor([2.85 - d, 3.8 + d], dtype=F64), rtol=1e-15, atol=1e-15)
     t = opt.telemetry.read()[p]
     assert t["weight_norm"] == pytest.approx(4.75, rel=1e-15) and t["update_norm"] == pytest.approx(math.sqrt(2), rel=1e-15)
     # The paper's placement for comparison: u = (1, -1) + 0.5 * (3, 4) = (2.5, 1), ||u|| = sqrt(7.25).
-    q = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
-    q.grad = torch.tensor([1.0, -2.0], dtype=F64)
-    Lamb([q], lr=0.1, eps=0.0, weight_decay=0.5, **path).step()
+    q, _ = first_step(lr=0.1, eps=0.0, weight_decay=0.5, **path)
     e = 0.1 * 5 / math.sqrt(7.25)
     torch.testing.assert_close(q.detach(), torch.tensor([3.0 - 2.5 * e, 4.0 - e], dtype=F64), rtol=1e-15, atol=1e-15)
 
@@ -86,10 +90,7 @@ def test_decay_outside_the_ratio_first_step_exact_numbers(path):
 def test_without_grad_averaging_first_step_exact_numbers(path):
     # grad_averaging=False: m = g = (1, -2), m_hat = m / 0.1 = (10, -20), v_hat = g^2, r = (10, -10);
     # u = r + 0.5 * (3, 4) = (11.5, -8), ||u|| = sqrt(196.25); x1 = x - 0.1 * 5/sqrt(196.25) * u.
-    p = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
-    p.grad = torch.tensor([1.0, -2.0], dtype=F64)
-    opt = Lamb([p], lr=0.1, eps=0.0, weight_decay=0.5, grad_averaging=False, **path)
-    opt.step()
+    p, opt = first_step(lr=0.1, eps=0.0, weight_decay=0.5, grad_averaging=False, **path)
     e = 0.1 * 5 / math.sqrt(196.25)
     torch.testing.assert_close(p.detach(), torch.tensor([3.0 - 11.5 * e, 4.0 + 8 * e], dtype=F64), rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor([1.0, -2.0], dtype=F64), rtol=0, atol=0)
@@ -99,9 +100,7 @@ def test_without_grad_averaging_first_step_exact_numbers(path):
 def test_eps_root_first_step_exact_numbers(path):
     # eps = 0, eps_root = 3: v_hat = g^2 = (1, 4), denominators sqrt(4) = 2 and sqrt(7);
     # r = (1/2, -2/sqrt(7)); x1 = x - 0.1 * 5/||r|| * r.
-    p = torch.tensor([3.0, 4.0], dtype=F64, requires_grad=True)
-    p.grad = torch.tensor([1.0, -2.0], dtype=F64)
-    Lamb([p], lr=0.1, eps=0.0, eps_root=3.0, **path).step()
+    p, _ = first_step(lr=0.1, eps=0.0, eps_root=3.0, **path)
     r = torch.tensor([0.5, -2 / math.sqrt(7)], dtype=F64)
     torch.testing.assert_close(p.detach(), torch.tensor([3.0, 4.0], dtype=F64) - 0.5 / r.norm() * r, rtol=1e-15, atol=1e-15)
 
