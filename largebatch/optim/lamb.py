@@ -48,7 +48,7 @@ class Lamb(LayerwiseOptimizer):
         x'_t = x_t * (1 - lr * weight_decay)
         x_{t+1} = x'_t - lr * ratio * r_t,  ratio = phi(||x'_t||) / ||r_t||
 
-    With ``eps = 0``, ``r_t`` is taken as 0 where ``sqrt(v_hat) = 0`` (instead of 0/0 = NaN).
+    With ``eps = 0``, ``r_t`` is taken as 0 where its denominator is 0 (instead of 0/0 = NaN).
 
     ``ratio = 1`` when ``||x_t||`` or ``||u_t||`` is 0, or when the group has ``adapt=False``; with
     ``adapt=False`` everywhere Lamb is exactly ``torch.optim.AdamW``.
@@ -88,9 +88,9 @@ class Lamb(LayerwiseOptimizer):
         nesterov: None, "first" (N-LAMB) or "both" (NN-LAMB).
         max_grad_norm: if set, all gradients of the optimizer are scaled together by
             min(1, max_grad_norm / (||g||_2 + clip_eps)) before the moments (BERT practice: 1.0).
+            The gradients themselves are not modified.
         clip_eps: the epsilon of that factor: 1e-6 (default) as torch.nn.utils.clip_grad_norm_ and
             DeepSpeed; 0 as apex FusedLAMB, timm and Keras.
-            The gradients themselves are not modified.
         nonfinite: what a non-finite (inf/nan) gradient does. "skip" (default): that group's step
             is skipped, neither parameters nor state change, and ``skipped_steps`` counts it (with
             ``max_grad_norm`` the whole step is skipped, because the global norm is non-finite).
