@@ -891,19 +891,45 @@ def test_apex_without_grad_averaging(nvlamb, path):
     assert_trajectories(ours, ref, init, rtol=1e-12)
 
 
-def test_apex_l2_mode_is_not_reproducible():
-    """apex adam_w_mode=False adds decay * p to the gradient (inside the moments); our Lamb has no
-    such mode, so the closest configuration (the one that matches apex's default adam_w_mode=True)
-    differs by far more than rounding."""
-    lr, wd = 0.02, 0.01
+@pytest.mark.parametrize("path", PATHS)
+def test_apex_l2_mode_through_the_gradient(path):
+    """apex adam_w_mode=False adds decay * p to the (clipped) gradient, inside the moments, and not to
+    the update. Lamb has no such mode, but while global clipping does not act, adding
+    weight_decay * p to p.grad before the step (an L2 term; the group's own weight_decay 0 and
+    adapt=True, since apex adapts where its decay is non-zero) reproduces it to rounding. When
+    clipping acts it does not: apex clips the gradient before adding the decay, we would clip the sum.
+    The default configuration (decay in the update) is far from it."""
+    lr, wd, mgn = 0.02, 0.01, 1.0
     init, grads = initial_values(), gradients(scale=0.1)
-    ours = run_torch(
+    assert max(global_norm(g) for g in grads) < mgn  # with the L2 term too, or the first match below would fail
+
+    def add_l2(opt, t):
+        for group in opt.param_groups:
+            if group["adapt"]:
+                for p in group["params"]:
+                    p.grad.add_(p.detach(), alpha=wd)
+
+    def l2_groups(m):
+        return named_groups(m, [(WEIGHTS, dict(weight_decay=0.0)), (BIAS, dict(weight_decay=0.0, adapt=False))])
+
+    ref = run_peer(ApexFusedLamb([(WEIGHTS, wd), (BIAS, 0.0)], lr=lr, eps=1e-6, max_grad_norm=mgn, adam_w_mode=False),
+                   init, grads)  # fmt: skip
+    ours = run_torch(lambda m: Lamb(l2_groups(m), lr=lr, eps=1e-6, max_grad_norm=mgn, **PATHS[path]), init, grads,
+                     before_step=add_l2)  # fmt: skip
+    assert_trajectories(ours, ref, init, rtol=1e-12)
+    default = run_torch(
         lambda m: Lamb(named_groups(m, [(WEIGHTS, dict(weight_decay=wd)), (BIAS, dict(weight_decay=0.0, adapt=False))]),
-                       lr=lr, eps=1e-6),
+                       lr=lr, eps=1e-6, max_grad_norm=mgn),
         init, grads,
     )  # fmt: skip
-    ref = run_peer(ApexFusedLamb([(WEIGHTS, wd), (BIAS, 0.0)], lr=lr, eps=1e-6, adam_w_mode=False), init, grads)
-    assert max_rel_diff(ours, ref) > 1e-4
+    assert max_rel_diff(default, ref) > 1e-4
+    # with clipping active (gradients 10x larger than max_grad_norm) the two orders differ
+    big = [{n: 30 * v for n, v in g.items()} for g in grads]
+    assert min(global_norm(g) for g in big) > mgn
+    ref = run_peer(ApexFusedLamb([(WEIGHTS, wd), (BIAS, 0.0)], lr=lr, eps=1e-6, max_grad_norm=mgn, adam_w_mode=False),
+                   init, big)  # fmt: skip
+    ours = run_torch(lambda m: Lamb(l2_groups(m), lr=lr, eps=1e-6, max_grad_norm=mgn), init, big, before_step=add_l2)
+    assert max_rel_diff(ours, ref) > 1e-9
 
 
 # timm's Lamb divides sqrt(v) by sqrt(bias_correction2) separately and updates m with lerp: the same
