@@ -132,6 +132,45 @@ def test_lars_kernel_matches_reference(options, dtype):
     run_pair(Lars, dict(lr=0.1, weight_decay=0.01) | options, dtype, dict(fused=True))
 
 
+# Every option of each optimizer with the values that change its arithmetic; random combinations
+# of them catch interactions that the tables above do not list one by one.
+LAMB_CHOICES = dict(
+    bias_correction=[True, False], grad_averaging=[True, False], decay_in_ratio=[True, False],
+    nesterov=[None, "first", "both"], eps=[1e-6, 0.0], eps_root=[0.0, 1e-4], phi=[None, (0.5, 3.0)],
+    trust_clip=[False, True, (0.2, 5.0)], max_grad_norm=[None, 2.0], clip_eps=[1e-6, 0.0], weight_decay=[0.0, 0.05],
+)  # fmt: skip
+LARS_CHOICES = dict(
+    mode=["paper", "classic"], nesterov=[False, True], clip=[False, True], weight_decay=[0.0, 0.01],
+    max_grad_norm=[None, 2.0], denominator=["sum", "combined"], lr_in_momentum=[False, True],
+)  # fmt: skip
+
+
+def random_options(choices: dict, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    kw = {k: v[int(torch.randint(len(v), (), generator=gen))] for k, v in choices.items()}
+    if kw.get("mode") == "paper":  # the classic-only options keep their defaults
+        kw.update(denominator="sum", lr_in_momentum=False)
+    return kw
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(16))
+def test_random_lamb_option_combinations_match_reference(seed):
+    run_pair(Lamb, dict(lr=0.05) | random_options(LAMB_CHOICES, seed), F64, dict(fused=True), steps=5, nonfinite_step=3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(12))
+def test_random_lars_option_combinations_match_reference(seed):
+    run_pair(Lars, dict(lr=0.1) | random_options(LARS_CHOICES, seed), F64, dict(fused=True), steps=5, nonfinite_step=3)
+
+
+@pytest.mark.parametrize("cls,choices", [(Lamb, LAMB_CHOICES), (Lars, LARS_CHOICES)], ids=["lamb", "lars"])
+@pytest.mark.parametrize("seed", range(200, 206))
+def test_random_option_combinations_multi_tensor(cls, choices, seed):
+    run_pair(cls, dict(lr=0.05) | random_options(choices, seed), F64, dict(fused=False), steps=5, nonfinite_step=3)
+
+
 @pytest.fixture
 def torch_backend(monkeypatch):
     """Route CPU tensors to the torch-function backend (the one GPUs use)."""
@@ -146,6 +185,11 @@ def test_lamb_torch_backend_matches_reference(options, torch_backend):
 @pytest.mark.parametrize("options", LARS_OPTIONS, ids=ids)
 def test_lars_torch_backend_matches_reference(options, torch_backend):
     run_pair(Lars, dict(lr=0.1, weight_decay=0.01) | options, F64, dict(fused=True))
+
+
+@pytest.mark.parametrize("seed", range(100, 108))
+def test_random_lamb_option_combinations_torch_backend(seed, torch_backend):
+    run_pair(Lamb, dict(lr=0.05) | random_options(LAMB_CHOICES, seed), F64, dict(fused=True), steps=5, nonfinite_step=3)
 
 
 @pytest.mark.parametrize(
