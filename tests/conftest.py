@@ -8,6 +8,12 @@ def _seed():
     yield
 
 
+# The three code paths of Lamb and Lars: the single-tensor reference, the multi-tensor path, and the
+# default (the fused kernel where it can be built).
+PATHS = [dict(foreach=False), dict(foreach=True, fused=False), dict()]
+PATH_IDS = ["reference", "foreach", "default"]
+
+
 def clone_params(params, requires_grad=True):
     return [p.detach().clone().requires_grad_(requires_grad) for p in params]
 

@@ -6,7 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import assert_compiled_step_matches_eager, assert_same, assert_states_equal, clone_params, set_grads
+from conftest import (
+    PATH_IDS,
+    PATHS,
+    assert_compiled_step_matches_eager,
+    assert_same,
+    assert_states_equal,
+    clone_params,
+    set_grads,
+)
 
 from largebatch import Lars
 
@@ -84,8 +92,7 @@ def test_classic_mode_by_hand(foreach, nesterov, clip):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.tensor(b, dtype=F64), rtol=1e-14, atol=1e-16)
 
 
-@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True, fused=False), dict()],
-                         ids=["reference", "foreach", "default"])  # fmt: skip
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("denominator", ["sum", "combined"])
 @pytest.mark.parametrize("lr_in_momentum,nesterov", [(False, False), (True, False), (True, True)])
 def test_classic_conventions_by_hand(path, denominator, lr_in_momentum, nesterov):

@@ -51,30 +51,28 @@ def check_betas(betas: Sequence[float]) -> None:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r}; it must be in [0, 1)")
 
 
-def check_phi(phi: tuple[float, float] | None) -> None:
-    if phi is None:
-        return
-    if not isinstance(phi, (tuple, list)) or len(phi) != 2:
-        raise ValueError(f"Invalid phi: {phi!r}; it must be None (identity) or a pair (gamma_l, gamma_u)")
-    lo, hi = phi
-    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))) or not (0 <= lo < hi):
+def _check_bounds(option: str, pair, lo_name: str, hi_name: str, allowed: str) -> None:
+    """``pair`` is two numbers with 0 <= lo < hi; else a ValueError naming ``option`` and what is allowed."""
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2
+    if not ok or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in pair):
+        raise ValueError(f"Invalid {option}: {pair!r}; it must be {allowed}")
+    lo, hi = pair
+    if not (0 <= lo < hi):
         raise ValueError(
-            f"Invalid phi bounds: (gamma_l={lo!r}, gamma_u={hi!r}); they must satisfy 0 <= gamma_l < gamma_u"
+            f"Invalid {option} bounds: ({lo_name}={lo!r}, {hi_name}={hi!r}); they must satisfy 0 <= {lo_name} < {hi_name}"
         )
+
+
+def check_phi(phi: tuple[float, float] | None) -> None:
+    if phi is not None:
+        _check_bounds("phi", phi, "gamma_l", "gamma_u", "None (identity) or a pair (gamma_l, gamma_u)")
 
 
 def check_trust_clip(trust_clip) -> None:
-    if isinstance(trust_clip, bool):
-        return
-    pair = isinstance(trust_clip, (tuple, list)) and len(trust_clip) == 2
-    if not pair or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in trust_clip):
-        raise ValueError(
-            f"Invalid trust_clip: {trust_clip!r}; it must be True (ratio capped at 1), False, "
-            "or a pair (lo, hi) that bounds the ratio"
+    if not isinstance(trust_clip, bool):
+        _check_bounds(
+            "trust_clip", trust_clip, "lo", "hi", "True (ratio capped at 1), False, or a pair (lo, hi) that bounds the ratio"
         )
-    lo, hi = trust_clip
-    if not (0 <= lo < hi):
-        raise ValueError(f"Invalid trust_clip bounds: (lo={lo!r}, hi={hi!r}); they must satisfy 0 <= lo < hi")
 
 
 def clip_bounds(trust_clip: bool | tuple[float, float]) -> tuple[float, float] | None:

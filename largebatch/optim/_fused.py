@@ -352,10 +352,7 @@ def fused_lamb(
     skip, gs = _host_scalars(ok, grad_scale, dt)
     if skip:  # nothing changes, as in the reference path
         return _empty_result(n, dt, "cpu")
-    from largebatch.optim._common import clip_bounds
-
     w_norm, u_norm, ratio = (torch.empty(n, dtype=dt) for _ in range(3))
-    clip = clip_bounds(trust_clip)
     wd_in, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
     args = _StepArgs(
         n=n, x=_pointers(params), g=_pointers(grads), s1=_pointers(exp_avgs), s2=_pointers(exp_avg_sqs),
@@ -363,12 +360,11 @@ def fused_lamb(
         w_norm=w_norm.data_ptr(), d_norm=u_norm.data_ptr(), ratio=ratio.data_ptr(), sq=None,
         grad_type=gcode, stage=0, num_threads=torch.get_num_threads(),
         nesterov={None: 0, "first": 1, "both": 2}[nesterov], classic=0,
-        bias_correction=int(bias_correction), adapt=int(adapt), trust_clip=int(clip is not None), lr_clip=0,
+        bias_correction=int(bias_correction), adapt=int(adapt), **_clip_fields(trust_clip), lr_clip=0,
         has_phi=int(phi is not None), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd_in,
         grad_scale=gs, coefficient=1.0, ratio_eps=0.0, ratio_wd=0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
-        clip_lo=clip[0] if clip else 0.0, clip_hi=clip[1] if clip else 0.0, decay=shrink,
-        beta3=1 - beta1 if grad_averaging else 1.0, eps_root=eps_root,
+        decay=shrink, beta3=first_moment_factor(beta1, grad_averaging), eps_root=eps_root,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -394,6 +390,20 @@ def _cpu_two_stage(args, lib, n, dt, reduce, ratio_fn, ratio_out):
         return w_norm, d_norm, ratio_out
 
     return Pending(reduce, sq.to(dt), pass2)
+
+
+def _clip_fields(trust_clip) -> dict:
+    """The kernel's trust_clip, clip_lo, clip_hi for a ``trust_clip`` option (see _common.clip_bounds)."""
+    from largebatch.optim._common import clip_bounds
+
+    bounds = clip_bounds(trust_clip)
+    lo, hi = bounds if bounds is not None else (0.0, 0.0)
+    return dict(trust_clip=int(bounds is not None), clip_lo=lo, clip_hi=hi)
+
+
+def first_moment_factor(beta1: float, grad_averaging: bool) -> float:
+    """The factor of g in LAMB's m_t = beta1 * m_{t-1} + factor * g_t: 1 - beta1, or 1 without averaging."""
+    return 1 - beta1 if grad_averaging else 1.0
 
 
 def _decay_split(lr: float, weight_decay: float, decay_in_ratio: bool) -> tuple[float, float]:
@@ -443,14 +453,12 @@ def fused_lars(
         numel=(ctypes.c_int64 * n)(*[x.numel() for x in params]),
         w_norm=w_norm.data_ptr(), d_norm=d_norm.data_ptr(), ratio=ratio.data_ptr(), sq=None,
         grad_type=gcode, stage=0, num_threads=torch.get_num_threads(), nesterov=int(nesterov),
-        classic=int(classic), bias_correction=0, adapt=int(adapt), trust_clip=int(clip and not classic),
+        classic=int(classic), bias_correction=0, adapt=int(adapt), **_clip_fields(clip and not classic),
         lr_clip=int(clip and classic), has_phi=int(phi is not None), lr=lr, beta1=momentum, beta2=0.0, eps=eps,
         weight_decay=weight_decay, grad_scale=gs, coefficient=trust_coefficient,
         ratio_eps=eps, ratio_wd=weight_decay if classic and denominator == "sum" else 0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
-        clip_lo=0.0, clip_hi=1.0, decay=1.0,
         norm_wd=weight_decay if classic and denominator == "combined" else 0.0, lr_in_momentum=int(lr_in_momentum),
-        beta3=1 - momentum,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -626,7 +634,7 @@ def _torch_lamb(
 ):  # fmt: skip
     dt, device = params[0].dtype, params[0].device
     weight_decay, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
-    beta3 = 1 - beta1 if grad_averaging else 1.0
+    beta3 = first_moment_factor(beta1, grad_averaging)
     if ok is None:
         torch._foreach_add_(steps, 1)
     else:  # a list of 0-d tensors: never read on the host

@@ -24,7 +24,7 @@ from largebatch.optim._common import (
     trust_ratio,
     with_layer_norms,
 )
-from largebatch.optim._fused import fused_lamb
+from largebatch.optim._fused import _decay_split, first_moment_factor, fused_lamb
 from largebatch.optim._layerwise import LayerwiseOptimizer
 
 __all__ = ["Lamb", "lamb"]
@@ -155,7 +155,7 @@ class Lamb(LayerwiseOptimizer):
             grad_averaging=grad_averaging,
             adapt=adapt,
             phi=phi,
-            trust_clip=tuple(trust_clip) if isinstance(trust_clip, list) else trust_clip,
+            trust_clip=trust_clip,
             nesterov=nesterov,
         )
         super().__init__(
@@ -281,7 +281,7 @@ def _single_tensor_lamb(
     the norms of every tensor (one request when sharded), then line 10: x -= lr * ratio * u.
     """
     n = len(params)
-    beta3 = 1 - beta1 if grad_averaging else 1.0  # the factor of g in the first moment
+    beta3 = first_moment_factor(beta1, grad_averaging)
     if n == 0 or (ok is not None and not bool(ok)):  # skip: nothing changes (this may sync; it is the reference)
         zero = torch.zeros(n)
         return zero, zero, torch.ones(n)
@@ -349,7 +349,7 @@ def _multi_tensor_lamb(
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     dt = params[0].dtype
     device = params[0].device
-    beta3 = 1 - beta1 if grad_averaging else 1.0  # the factor of g in the first moment
+    beta3 = first_moment_factor(beta1, grad_averaging)
     g = [gr if gr.dtype == dt else gr.to(dt) for gr in grads]
     if ok is not None:
         g = [torch.where(ok, gi, torch.zeros((), dtype=dt, device=device)) for gi in g]
@@ -392,10 +392,10 @@ def _multi_tensor_lamb(
     if eps == 0:  # 0/0 where the second moment is 0: the direction is 0 there, not NaN
         u = [torch.where(d > 0, ui, torch.zeros((), dtype=dt, device=device)) for ui, d in zip(u, v_hat)]
     del m_hat, v_hat
-    if weight_decay != 0 and decay_in_ratio:
-        torch._foreach_add_(u, torch._foreach_mul(params, weight_decay))
-    elif weight_decay != 0:  # AdamW's decay first (a factor of 1 when skipped); the ratio sees the decayed x
-        shrink = 1 - lr * weight_decay
+    wd_in, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
+    if wd_in != 0:
+        torch._foreach_add_(u, torch._foreach_mul(params, wd_in))
+    elif shrink != 1.0:  # AdamW's decay first (a factor of 1 when skipped); the ratio sees the decayed x
         torch._foreach_mul_(params, shrink if ok is None else torch.where(ok, shrink * one, one))
 
 
