@@ -609,10 +609,10 @@ def _lamb_coefficients(steps, dt, beta1, beta3, beta2, bias_correction, nesterov
     """[n, 4] per-tensor (am, ag, bv, bg); see csrc/layerwise_step.cpp."""
     from largebatch.optim.lamb import _bias_correction
 
-    t = torch.stack(steps).to(dt)
-    bc1 = _bias_correction(beta1, t, bias_correction)
+    t = torch.stack(steps)
+    bc1 = _bias_correction(beta1, t, bias_correction)  # float64: cast to dt only when finished
     bc2 = _bias_correction(beta2, t, bias_correction)
-    zero = torch.zeros_like(t)
+    zero = torch.zeros_like(bc1)
     am, ag, bv, bg = 1 / bc1, zero, 1 / bc2, zero
     if nesterov is not None:
         am = beta1 / _bias_correction(beta1, t + 1, bias_correction)
@@ -620,7 +620,7 @@ def _lamb_coefficients(steps, dt, beta1, beta3, beta2, bias_correction, nesterov
     if nesterov == "both":
         bv = beta2 / _bias_correction(beta2, t + 1, bias_correction)
         bg = (1 - beta2) / bc2
-    return torch.stack([am, ag, bv, bg], dim=1)
+    return torch.stack([am, ag, bv, bg], dim=1).to(dt)
 
 
 def _stacked_sums(sums: list[Tensor]) -> Tensor:

@@ -64,6 +64,9 @@ class Lamb(LayerwiseOptimizer):
     With ``bias_correction=False`` every ``1 - beta**k`` denominator above is replaced by 1. With
     ``grad_averaging=False`` every ``(1 - beta1) * g_t`` term above is ``g_t`` instead (apex, timm and
     pytorch_optimizer's ``grad_averaging`` flag); the bias correction stays ``1 - beta1**t``.
+    Every per-tensor coefficient built from ``1 - beta**k`` is computed in float64 and rounded to
+    the parameter dtype once (as torch's Adam does): in float32, ``1 - 0.999**t`` would lose five
+    digits to cancellation.
 
     Args:
         params: parameters or parameter groups (see :func:`largebatch.param_groups`).
@@ -291,22 +294,25 @@ def _single_tensor_lamb(
         if grad_scale is not None:
             g = g * grad_scale.to(x.dtype)
         step_t += 1
-        t = step_t.to(x.dtype)
+        t = step_t
 
         m.mul_(beta1).add_(g, alpha=beta3)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
-        def bc(beta: float, k: Tensor) -> Tensor:
-            return 1 - beta**k if bias_correction else torch.ones_like(k)
+        def bc(beta: float, k: Tensor) -> Tensor:  # in float64; a coefficient is cast once it is finished
+            return _bias_correction(beta, k, bias_correction)
+
+        def in_dt(c: Tensor) -> Tensor:
+            return c.to(x.dtype)
 
         if nesterov is None:
-            m_hat = m / bc(beta1, t)
+            m_hat = m / in_dt(bc(beta1, t))
         else:
-            m_hat = m * (beta1 / bc(beta1, t + 1)) + g * (beta3 / bc(beta1, t))
+            m_hat = m * in_dt(beta1 / bc(beta1, t + 1)) + g * in_dt(beta3 / bc(beta1, t))
         if nesterov == "both":
-            v_hat = v * (beta2 / bc(beta2, t + 1)) + (g * g) * ((1 - beta2) / bc(beta2, t))
+            v_hat = v * in_dt(beta2 / bc(beta2, t + 1)) + (g * g) * in_dt((1 - beta2) / bc(beta2, t))
         else:
-            v_hat = v / bc(beta2, t)
+            v_hat = v / in_dt(bc(beta2, t))
 
         denom = (v_hat + eps_root if eps_root else v_hat).sqrt() + eps
         u = m_hat / denom
@@ -330,10 +336,22 @@ def _single_tensor_lamb(
 
 
 def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
-    """1 - beta**t per tensor, and 1 where t == 0 (a first step that was skipped) or when disabled."""
+    """1 - beta**t per tensor, and 1 where t == 0 (a first step that was skipped) or when disabled.
+
+    Computed in float64 (float32 on devices without it, such as MPS), whatever ``t``'s dtype:
+    in float32, 1 - 0.999**t loses five digits to cancellation (beta2 itself rounds by 1e-8) and
+    the step would be off by ~7e-6 relative; callers cast the finished coefficient to the
+    parameter dtype, as torch's Adam does with its Python-float bias corrections.
+    """
+    t = t.to(_wide_dtype(t.device))
     if not enabled:
         return torch.ones_like(t)
     return torch.where(t > 0, 1 - beta**t, torch.ones_like(t))
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for per-tensor scalar coefficients, except on MPS (no float64 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _multi_tensor_lamb(
@@ -358,7 +376,7 @@ def _multi_tensor_lamb(
         g = torch._foreach_mul(g, grad_scale.to(dt))
 
     torch._foreach_add_(steps, 1 if ok is None else ok.to(steps[0].dtype))
-    t = torch.stack(steps).to(dt)
+    t = torch.stack(steps)
 
     if ok is None:
         torch._foreach_mul_(exp_avgs, beta1)
@@ -370,19 +388,23 @@ def _multi_tensor_lamb(
     torch._foreach_add_(exp_avgs, g, alpha=beta3)
     torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
 
-    bc1 = _bias_correction(beta1, t, bias_correction)
+    bc1 = _bias_correction(beta1, t, bias_correction)  # float64; each coefficient is cast when finished
     bc2 = _bias_correction(beta2, t, bias_correction)
+
+    def in_dt(c: Tensor) -> list[Tensor]:
+        return c.to(dt).unbind()
+
     if nesterov is None:
-        m_hat = torch._foreach_div(exp_avgs, bc1.unbind())
+        m_hat = torch._foreach_div(exp_avgs, in_dt(bc1))
     else:
-        m_hat = torch._foreach_mul(exp_avgs, (beta1 / _bias_correction(beta1, t + 1, bias_correction)).unbind())
-        torch._foreach_add_(m_hat, torch._foreach_mul(g, (beta3 / bc1).unbind()))
+        m_hat = torch._foreach_mul(exp_avgs, in_dt(beta1 / _bias_correction(beta1, t + 1, bias_correction)))
+        torch._foreach_add_(m_hat, torch._foreach_mul(g, in_dt(beta3 / bc1)))
     if nesterov == "both":
-        v_hat = torch._foreach_mul(exp_avg_sqs, (beta2 / _bias_correction(beta2, t + 1, bias_correction)).unbind())
+        v_hat = torch._foreach_mul(exp_avg_sqs, in_dt(beta2 / _bias_correction(beta2, t + 1, bias_correction)))
         g2 = torch._foreach_mul(g, g)
-        torch._foreach_add_(v_hat, torch._foreach_mul(g2, ((1 - beta2) / bc2).unbind()))
+        torch._foreach_add_(v_hat, torch._foreach_mul(g2, in_dt((1 - beta2) / bc2)))
     else:
-        v_hat = torch._foreach_div(exp_avg_sqs, bc2.unbind())
+        v_hat = torch._foreach_div(exp_avg_sqs, in_dt(bc2))
 
     if eps_root:
         torch._foreach_add_(v_hat, eps_root)

@@ -20,7 +20,7 @@
 //
 // The element formulas follow the multi-tensor reference (largebatch/optim/lamb.py, lars.py)
 // operation by operation, except that divisions by a per-tensor bias correction are multiplications
-// by its reciprocal. Squared sums are accumulated per block in the element type, then in double.
+// by its reciprocal (each per-tensor coefficient is computed in double and rounded once). Squared sums are accumulated per block in the element type, then in double.
 //
 // Build: c++ -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off -shared -fPIC with the -D flags
 // at the end of this file (see largebatch/optim/_fused.py).
@@ -135,10 +135,10 @@ struct LambCoef {
   T am, ag, bv, bg;
 };
 
-template <typename T>
-T bias_correction(const StepArgs& a, double beta, T k) {
-  if (!a.bias_correction || !(k > T(0))) return T(1);
-  return T(1) - std::pow(T(beta), k);
+// In double whatever T is: in float, 1 - 0.999^t loses five digits to cancellation.
+inline double bias_correction(const StepArgs& a, double beta, double k) {
+  if (!a.bias_correction || !(k > 0.0)) return 1.0;
+  return 1.0 - std::pow(beta, k);
 }
 
 template <typename T, int G, int NEST, bool EPS0>
@@ -467,21 +467,22 @@ void lamb_typed(const StepArgs& a) {
   std::vector<LambCoef<T>> coef(a.n);
   for (int64_t i = 0; i < a.n; ++i) {
     if (a.stage != 2) *a.step[i] += 1.0f;
-    const T t = T(*a.step[i]);
-    const T bc1 = bias_correction<T>(a, a.beta1, t);
-    const T bc2 = bias_correction<T>(a, a.beta2, t);
+    // Each coefficient is computed in double and rounded to T once, as the torch paths do.
+    const double t = double(*a.step[i]);
+    const double bc1 = bias_correction(a, a.beta1, t);
+    const double bc2 = bias_correction(a, a.beta2, t);
     LambCoef<T>& k = coef[i];
-    k.am = T(1) / bc1;
+    k.am = T(1.0 / bc1);
     k.ag = T(0);
-    k.bv = T(1) / bc2;
+    k.bv = T(1.0 / bc2);
     k.bg = T(0);
     if (a.nesterov >= 1) {
-      k.am = T(a.beta1) / bias_correction<T>(a, a.beta1, t + T(1));
-      k.ag = T(a.beta3) / bc1;
+      k.am = T(a.beta1 / bias_correction(a, a.beta1, t + 1.0));
+      k.ag = T(a.beta3 / bc1);
     }
     if (a.nesterov == 2) {
-      k.bv = T(a.beta2) / bias_correction<T>(a, a.beta2, t + T(1));
-      k.bg = T(1.0 - a.beta2) / bc2;
+      k.bv = T(a.beta2 / bias_correction(a, a.beta2, t + 1.0));
+      k.bg = T((1.0 - a.beta2) / bc2);
     }
   }
   switch (a.nesterov * 2 + (a.eps == 0.0 ? 1 : 0)) {
