@@ -44,7 +44,7 @@ import math
 import operator
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
@@ -165,6 +165,13 @@ def _round_half_up(x: float) -> int:
 
 def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
+
+
+def _check_offset_and_drop_last(warmup_offset: Any, drop_last: Any) -> None:
+    if warmup_offset not in (0, 1) or isinstance(warmup_offset, bool):
+        raise ValueError(f"warmup_offset must be 0 or 1, got {warmup_offset!r}")
+    if not isinstance(drop_last, bool):
+        raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +348,9 @@ class StepDecay:
     """Piecewise-constant decay: the multiplier is multiplied by ``factor`` at each boundary.
 
     Args:
-      boundaries: strictly increasing steps (>= 0) at which the decay happens; the step equal to
-        a boundary already uses the decayed value.
+      boundaries: non-decreasing steps (>= 0) at which the decay happens; the step equal to
+        a boundary already uses the decayed value, and a boundary given k times decays by
+        ``factor ** k`` there (as when several decay epochs fall inside a warmup).
       factor: the multiplier applied at each boundary, in (0, 1] (0.1 for Goyal et al.).
 
     ``multiplier(t) = factor ** #{b in boundaries : t >= b}``.
@@ -365,10 +373,10 @@ class StepDecay:
     def __post_init__(self) -> None:
         bounds = tuple(_int(f"boundaries[{i}]", b, 0) for i, b in enumerate(self.boundaries))
         for i in range(1, len(bounds)):
-            if bounds[i] <= bounds[i - 1]:
+            if bounds[i] < bounds[i - 1]:
                 raise ValueError(
-                    f"boundaries must be strictly increasing, got {bounds} "
-                    f"(boundaries[{i}]={bounds[i]} <= boundaries[{i - 1}]={bounds[i - 1]})"
+                    f"boundaries must be non-decreasing, got {bounds} "
+                    f"(boundaries[{i}]={bounds[i]} < boundaries[{i - 1}]={bounds[i - 1]})"
                 )
         _set(self, "boundaries", bounds)
         _set(self, "factor", _real("factor", self.factor, low=0.0, high=1.0, low_open=True))
@@ -839,9 +847,7 @@ def _budget(
         spe = steps_per_epoch(dataset_size, batch_size, drop_last)
     if total_steps is not None:
         total = _int("total_steps", total_steps, 1)
-        if spe is not None:
-            epochs = total / spe
-        return spe, total, epochs
+        return spe, total, None if spe is None else total / spe  # total_steps overrides epochs
     if spe is None or epochs is None:
         raise ValueError(
             "the training length is unknown: pass dataset_size and epochs, or total_steps "
@@ -947,10 +953,19 @@ class Recipe:
         self.decay_epochs = tuple(self.decay_epochs)
         for i, e in enumerate(self.decay_epochs):
             _real(f"decay_epochs[{i}]", e, low=0.0)
+            if i and not e > self.decay_epochs[i - 1]:
+                raise ValueError(
+                    f"decay_epochs must be strictly increasing, got {self.decay_epochs} "
+                    f"(decay_epochs[{i}]={e} <= decay_epochs[{i - 1}]={self.decay_epochs[i - 1]})"
+                )
         if self.decay == "step" and not self.decay_epochs:
             raise ValueError("decay='step' needs decay_epochs, e.g. (30, 60, 80); got ()")
-        if self.warmup_offset not in (0, 1) or isinstance(self.warmup_offset, bool):
-            raise ValueError(f"warmup_offset must be 0 or 1, got {self.warmup_offset!r}")
+        if self.decay != "step" and self.decay_epochs:
+            raise ValueError(
+                f"decay_epochs={self.decay_epochs} is used only by decay='step', not by "
+                f"decay={self.decay!r}; allowed: decay_epochs=() or decay='step'"
+            )
+        _check_offset_and_drop_last(self.warmup_offset, self.drop_last)
         if self.dataset_size is not None:
             _int("dataset_size", self.dataset_size, 1)
         if self.epochs is not None:
@@ -1006,8 +1021,8 @@ class Recipe:
                 )
             boundaries = StepDecay.from_epochs(self.decay_epochs, spe).boundaries
             if self.decay_over == "remaining":
+                # on the decay's clock; boundaries inside the warmup all act at its end (each one)
                 boundaries = tuple(max(bd - warmup, 0) for bd in boundaries)
-                boundaries = tuple(sorted(set(boundaries)))
         init = 0.0 if self.warmup_from == "zero" else min(1.0, self.base_lr / lr)
         schedule = warmup_then_decay(
             warmup,
@@ -1111,6 +1126,13 @@ class MixedBatchRecipe:
             raise ValueError(f"stage epoch_fraction values must sum to 1, got {total:g}")
         _choice("decay", self.decay, tuple(d for d in DECAYS if d != "step"))
         _choice("decay_over", self.decay_over, DECAY_OVER)
+        _real("power", self.power, low=0.0, low_open=True)
+        _real("end_value", self.end_value, low=0.0, high=1.0)
+        _check_offset_and_drop_last(self.warmup_offset, self.drop_last)
+        if self.dataset_size is not None:
+            _int("dataset_size", self.dataset_size, 1)
+        if self.epochs is not None:
+            _real("epochs", self.epochs, low=0.0, low_open=True)
 
     def resolve(
         self,
@@ -1141,8 +1163,8 @@ class MixedBatchRecipe:
                 f"total_steps={total_steps!r} is not supported by a mixed-batch recipe; give "
                 "dataset_size and epochs, or set each Stage's num_steps"
             )
-        n = self.dataset_size if dataset_size is None else dataset_size
-        ep = self.epochs if epochs is None else epochs
+        n = self.dataset_size if dataset_size is None else _int("dataset_size", dataset_size, 1)
+        ep = self.epochs if epochs is None else _real("epochs", epochs, low=0.0, low_open=True)
         peak = max(s.lr for s in self.stages)
         phases: list[Plan] = []
         for i, stage in enumerate(self.stages):
@@ -1202,11 +1224,21 @@ class MixedBatchRecipe:
             steps_per_epoch=None,
             schedule=schedule,
             batch_size=None,
-            epochs=None if ep is None else float(ep),
+            epochs=self._epochs_covered(ep, phases),
             dataset_size=n,
             name=self.name,
             phases=tuple(phases),
         )
+
+
+    def _epochs_covered(self, ep: float | None, phases: list[Plan]) -> float | None:
+        """The epochs asked for; with explicit ``num_steps`` (which need not add up to them)
+        the epochs the phases cover, or None when a phase's steps per epoch are unknown."""
+        if all(s.num_steps is None for s in self.stages):
+            return None if ep is None else float(ep)
+        if any(p.epochs is None for p in phases):
+            return None
+        return sum(p.epochs for p in phases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1241,6 +1273,24 @@ BERT_UNTUNED_TABLE: tuple[BertRow, ...] = (
 BERT_SEQUENCES = 512 * 1_000_000
 
 
+def _overridden(config: dict[str, Any], overrides: dict[str, Any], cls: type) -> dict[str, Any]:
+    """A preset's fields with ``overrides`` applied. A field that only makes sense beside one the
+    user replaced goes with it: a given warmup_epochs drops the preset's warmup_ratio (and the
+    reverse), a decay other than "step" drops the preset's decay_epochs."""
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    config = dict(config)
+    for given, other in (("warmup_epochs", "warmup_ratio"), ("warmup_ratio", "warmup_epochs")):
+        if overrides.get(given) is not None and other not in overrides and other in config:
+            config[other] = None
+    if overrides.get("decay", "step") != "step" and "decay_epochs" not in overrides:
+        config.pop("decay_epochs", None)
+    config.update(overrides)
+    return config
+
+
 def _bert(**overrides: Any) -> Recipe:
     """The paper's untuned BERT recipe as a closed form (reproduces ``BERT_UNTUNED_TABLE``).
 
@@ -1262,8 +1312,7 @@ def _bert(**overrides: Any) -> Recipe:
         epochs=1.0,
         name="bert",
     )
-    config.update(overrides)
-    return Recipe(**config)
+    return Recipe(**_overridden(config, overrides, Recipe))
 
 
 def _goyal(**overrides: Any) -> Recipe:
@@ -1285,8 +1334,7 @@ def _goyal(**overrides: Any) -> Recipe:
         epochs=90.0,
         name="goyal",
     )
-    config.update(overrides)
-    return Recipe(**config)
+    return Recipe(**_overridden(config, overrides, Recipe))
 
 
 def bert_two_phase(
@@ -1326,6 +1374,10 @@ def bert_two_phase(
     from one dataset size (1563 at 32K needs fewer than 512.2M sequences, 7038 at 64K more than
     512.4M), so those counts are available only as explicit ``num_steps``.
     """
+    for name, pair in (("lrs", lrs), ("warmup_ratios", warmup_ratios), ("batch_sizes", batch_sizes),
+                       ("seq_lens", seq_lens)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name} must be two values, one per phase, got {pair!r}")
     steps = (None, None) if num_steps is None else tuple(num_steps)
     if len(steps) != 2:
         raise ValueError(f"num_steps must be None or two step counts, got {num_steps!r}")
@@ -1341,8 +1393,7 @@ def bert_two_phase(
         power=power,
         name="bert-two-phase",
     )
-    config.update(overrides)
-    return MixedBatchRecipe(**config)
+    return MixedBatchRecipe(**_overridden(config, overrides, MixedBatchRecipe))
 
 
 PRESETS: dict[str, Callable[..., Recipe | MixedBatchRecipe]] = {

@@ -232,6 +232,32 @@ def test_recipe_interface_for_the_harness():
     assert (p.steps_per_epoch, p.warmup_steps, p.total_steps) == (7, 7, 70)
 
 
+def test_step_decay_boundaries_inside_the_warmup_all_act():
+    """Two x0.1 epochs inside a 3-epoch warmup: both act at its end, on either decay clock."""
+    assert StepDecay((0, 0, 5), 0.5)(0) == 0.25 and StepDecay((0, 0, 5), 0.5)(5) == 0.125
+    for over in ("remaining", "total"):
+        plan = Recipe(base_lr=0.1, base_batch=100, rule="none", warmup_epochs=3.0, decay="step",
+                      decay_epochs=(1.0, 2.0, 4.0), decay_over=over).resolve(100, dataset_size=1000, epochs=5)
+        assert plan.warmup_steps == 30
+        assert plan.schedule(29) == 1.0  # the warmup's last step, on either clock
+        assert [plan.schedule(t) for t in (30, 39, 40)] == pytest.approx([0.01, 0.01, 0.001])
+
+
+def test_presets_take_a_warmup_or_decay_that_replaces_theirs():
+    bert = preset("bert", warmup_epochs=0.1).resolve(512)  # the preset states a warmup_ratio
+    assert bert.warmup_steps == 100_000
+    goyal = preset("goyal", warmup_ratio=0.05, decay="poly")  # states warmup_epochs and decay_epochs
+    assert goyal.warmup_epochs is None and goyal.warmup_ratio == 0.05 and goyal.decay_epochs == ()
+
+
+def test_epochs_reported_are_the_ones_the_steps_cover():
+    assert Recipe(base_lr=1e-3, base_batch=128, epochs=10).resolve(128, total_steps=100).epochs is None
+    assert Recipe(base_lr=1e-3, base_batch=128).resolve(128, dataset_size=1280, total_steps=100).epochs == 10.0
+    explicit = bert_two_phase(num_steps=(7038, 1563)).resolve()
+    assert explicit.epochs == pytest.approx(7038 / 7813 + 1563 / 15625)
+    assert bert_two_phase().resolve().epochs == 1.0
+
+
 def test_recipe_warmup_rules_and_total_steps():
     base = dict(base_lr=1e-3, base_batch=128, warmup_epochs=1.0)
     const = Recipe(**base, warmup_rule="constant").resolve(1024, dataset_size=12800, epochs=20)
@@ -431,7 +457,16 @@ def test_adapter_warns_on_a_different_schedule():
         (lambda: PolynomialDecay(10, power=0), r"power must be a real number > 0\.0, got 0\.0"),
         (lambda: PolynomialDecay(10, end_value=-0.1), r"end_value must be a real number in \[0\.0, 1\.0\], got -0\.1"),
         (lambda: CosineDecay(-5), r"decay_steps must be an integer >= 1, got -5"),
-        (lambda: StepDecay((60, 30)), r"boundaries must be strictly increasing, got \(60, 30\)"),
+        (lambda: StepDecay((60, 30)), r"boundaries must be non-decreasing, got \(60, 30\)"),
+        (lambda: Recipe(base_lr=0.1, base_batch=8, decay="step", decay_epochs=(30, 30)),
+         r"decay_epochs must be strictly increasing, got \(30, 30\)"),
+        (lambda: Recipe(base_lr=0.1, base_batch=8, decay_epochs=(30,)),
+         r"decay_epochs=\(30,\) is used only by decay='step', not by decay='poly'"),
+        (lambda: Recipe(base_lr=0.1, base_batch=8, drop_last="yes"), r"drop_last must be True or False, got 'yes'"),
+        (lambda: MixedBatchRecipe((Stage(8, 1.0, 0.1, 0.1),), epochs=float("inf")), r"epochs must be a real number > 0\.0, got inf"),
+        (lambda: MixedBatchRecipe((Stage(8, 1.0, 0.1, 0.1),), warmup_offset=2), r"warmup_offset must be 0 or 1, got 2"),
+        (lambda: bert_two_phase(lrs=(1e-3,)), r"lrs must be two values, one per phase, got \(0\.001,\)"),
+        (lambda: preset("bert", warmup=3), r"unknown recipe field\(s\) warmup; allowed: base_lr, base_batch"),
         (lambda: StepDecay((30,), factor=0), r"factor must be a real number in \(0\.0, 1\.0\], got 0\.0"),
         (lambda: Phased(()), r"phases must contain at least one"),
         (lambda: join([(0, Constant())]), r"phases\[0\] num_steps must be an integer >= 1, got 0"),
@@ -515,3 +550,11 @@ def test_cli_reports_errors(capsys):
     assert "--recipe custom needs --base-batch" in capsys.readouterr().err
     assert cli.main(["schedule", "--recipe", "bert-two-phase", "--rule", "sqrt"]) == 2
     assert "does not use --rule" in capsys.readouterr().err
+    assert cli.main(["schedule", "--recipe", "goyal", "--power", "2"]) == 2
+    assert "does not use --power (read by --decay poly only; this recipe decays with 'step')" in capsys.readouterr().err
+    assert cli.main(["schedule", "--recipe", "bert", "--decay-epochs", "30"]) == 2
+    assert "decay_epochs=(30.0,) is used only by decay='step'" in capsys.readouterr().err
+    assert cli.main(["schedule", "--recipe", "bert-two-phase", "--epochs=-1"]) == 2
+    assert "epochs must be a real number > 0.0, got -1.0" in capsys.readouterr().err
+    assert cli.main(["schedule", "--recipe", "bert", "--warmup-epochs", "0.1"]) == 0
+    assert "warmup 100000 steps" in capsys.readouterr().out

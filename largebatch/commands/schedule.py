@@ -110,6 +110,19 @@ def _unused(args: argparse.Namespace, used: dict[str, str]) -> list[str]:
     )
 
 
+# options that only some decays read
+DECAY_OPTIONS = {"power": ("poly",), "end_value": ("poly", "cosine"), "decay_epochs": ("step",),
+                 "decay_factor": ("step",)}
+
+
+def _unused_by_decay(args: argparse.Namespace, decay: str | None) -> list[str]:
+    return sorted(
+        f"--{o.replace('_', '-')} (read by --decay {'/'.join(used)} only; this recipe decays with {decay!r})"
+        for o, used in DECAY_OPTIONS.items()
+        if decay is not None and decay not in used and getattr(args, o, None) is not None
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.recipe == "bert-two-phase":
@@ -129,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 recipe = schedules.preset(args.recipe, **given)
             batch_sizes = args.batch_size or [recipe.base_batch]
-        unused = _unused(args, fields)
+        unused = _unused(args, fields) + _unused_by_decay(args, getattr(recipe, "decay", None))
         if unused:
             print(f"error: --recipe {args.recipe} does not use {', '.join(unused)}",
                   file=sys.stderr)
