@@ -44,8 +44,11 @@ ERRORS = [
     (Lars, dict(mode="classic", phi=(0.1, 1.0)), ValueError, r"phi bounds exist only in mode='paper'"),
     (Lars, dict(nesterov=1), ValueError, r"Invalid nesterov: 1; it must be True or False"),
     (Lars, dict(mode="classic", denominator="norm"), ValueError, r"Invalid denominator: 'norm'; allowed values are 'sum', 'combined'"),
-    (Lars, dict(denominator="combined"), ValueError, r"Invalid denominator='combined' / lr_in_momentum=False with mode='paper'; both exist only in mode='classic'"),
-    (Lars, dict(lr_in_momentum=True), ValueError, r"lr_in_momentum=True with mode='paper'"),
+    (Lars, dict(denominator="combined"), ValueError, r"Invalid denominator='combined' with mode='paper'; it exists only in mode='classic'"),
+    (Lars, dict(lr_in_momentum=True), ValueError, r"Invalid lr_in_momentum=True with mode='paper'; it exists only in mode='classic'"),
+    (Lars, dict(denominator="combined", lr_in_momentum=True), ValueError,
+     r"Invalid denominator='combined' and lr_in_momentum=True with mode='paper'; they exist only in mode='classic'"),
+    (Lars, dict(lr_in_momentum="yes"), ValueError, r"Invalid lr_in_momentum: 'yes'; it must be True or False"),
     (Lars, dict(mode="classic", lr_in_momentum=1), ValueError, r"Invalid lr_in_momentum: 1; it must be True or False"),
 ]
 

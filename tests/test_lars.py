@@ -230,9 +230,35 @@ def test_rosenbrock_lars():
 
 def test_defaults_depend_on_mode():
     p = [torch.zeros(2, requires_grad=True)]
-    assert Lars(p).defaults["trust_coefficient"] == 1.0 and Lars(p).defaults["eps"] == 0.0
-    c = Lars(p, mode="classic").defaults
+    g = Lars(p).param_groups[0]
+    assert g["trust_coefficient"] == 1.0 and g["eps"] == 0.0
+    c = Lars(p, mode="classic").param_groups[0]
     assert c["trust_coefficient"] == 1e-3 and c["eps"] == 1e-8
+    assert Lars(p, mode="classic", trust_coefficient=0.02, eps=0.0).param_groups[0]["trust_coefficient"] == 0.02
+
+
+@pytest.mark.parametrize("ctor_mode,group_mode", [("paper", "classic"), ("classic", "paper")])
+def test_a_group_with_its_own_mode_gets_that_modes_defaults(ctor_mode, group_mode):
+    """trust_coefficient/eps follow each group's mode, so a group {"mode": m} steps exactly as
+    Lars(mode=m); a "paper" group does not inherit the constructor's classic-only options."""
+    x0, grads = torch.randn(4, 3, dtype=F64), [torch.randn(4, 3, dtype=F64) for _ in range(3)]
+    a, b = clone_params([x0]), clone_params([x0])
+    ctor = dict(mode=ctor_mode, lr=0.5, weight_decay=0.01)
+    if ctor_mode == "classic":
+        ctor.update(lr_in_momentum=True, denominator="combined")
+    grouped = Lars([{"params": a, "mode": group_mode}], **ctor)
+    alone = Lars(b, mode=group_mode, lr=0.5, weight_decay=0.01)
+    expected = dict(paper=(1.0, 0.0), classic=(1e-3, 1e-8))[group_mode]
+    assert (grouped.param_groups[0]["trust_coefficient"], grouped.param_groups[0]["eps"]) == expected
+    for g in grads:
+        set_grads([a, b], [g])
+        grouped.step()
+        alone.step()
+    assert_same(a, b)
+    # the resolved values survive a state-dict round trip
+    again = Lars(clone_params([x0]), **ctor)
+    again.load_state_dict(grouped.state_dict())
+    assert (again.param_groups[0]["trust_coefficient"], again.param_groups[0]["eps"]) == expected
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ class LayerwiseOptimizer(Optimizer):
             raise ValueError(f"Invalid fused: {fused!r}; allowed values are None (auto), True, False")
         if fused and foreach is False:
             raise ValueError("fused=True and foreach=False contradict each other; choose one path")
-        self._check_group(defaults)
+        self._check_group(self._resolve_group(dict(defaults), defaults))
         super().__init__(params, defaults)  # validates every group through add_param_group
         self.fused = fused
         self.max_grad_norm = max_grad_norm
@@ -84,8 +84,9 @@ class LayerwiseOptimizer(Optimizer):
         """
         super().load_state_dict(state_dict)
         for group in self.param_groups:
+            resolved = self._resolve_group(group, self.defaults)
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                group.setdefault(key, resolved.get(key, value))
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -98,8 +99,13 @@ class LayerwiseOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """torch.optim's add_param_group, then the group (defaults filled in) is validated."""
-        super().add_param_group(param_group)
+        super().add_param_group(self._resolve_group(param_group, self.defaults))
         self._check_group(self.param_groups[-1])
+
+    @staticmethod
+    def _resolve_group(group: dict, defaults: dict) -> dict:
+        """The group with defaults that depend on its other options filled in (none here)."""
+        return group
 
     # -- per-subclass hooks -------------------------------------------------------------------
     @staticmethod

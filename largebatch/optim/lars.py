@@ -26,6 +26,10 @@ __all__ = ["Lars", "lars", "LARS_MODES", "LARS_DENOMINATORS"]
 
 LARS_MODES = ("paper", "classic")
 LARS_DENOMINATORS = ("sum", "combined")
+# trust_coefficient / eps left as None take the value of the group's own mode.
+MODE_DEFAULTS = {"paper": dict(trust_coefficient=1.0, eps=0.0), "classic": dict(trust_coefficient=1e-3, eps=1e-8)}
+# options of "classic" mode only: a "paper" group does not inherit them from the constructor.
+CLASSIC_ONLY = dict(denominator="sum", lr_in_momentum=False)
 
 
 class Lars(LayerwiseOptimizer):
@@ -48,8 +52,9 @@ class Lars(LayerwiseOptimizer):
         b_t = momentum * b_{t-1} + d_t                                  (torch.optim.SGD's buffer)
         x_{t+1} = x_t - lr * (b_t, or d_t + momentum * b_t with nesterov=True)
 
-    In both modes the ratio (local lr) is 1 when ``||x||`` or the other norm is 0, and when the
-    group has ``adapt=False`` (then "classic" is SGD with momentum and "paper" is SGD with momentum
+    In both modes the ratio (local lr) is 1 when ``||x||`` or the other norm is 0 (with
+    ``clip=True`` in "classic" mode that 1 is then clipped like any local lr, to ``min(1 / lr, 1)``,
+    as timm does; apex's LARC leaves such a layer unscaled), and when the group has ``adapt=False`` (then "classic" is SGD with momentum and "paper" is SGD with momentum
     dampening ``1 - momentum``). In "paper" mode ``clip=True`` caps the ratio at 1.
 
     Two conventions of "classic" LARS differ between implementations and are options:
@@ -67,9 +72,11 @@ class Lars(LayerwiseOptimizer):
         lr: learning rate (>= 0).
         momentum: beta1 in [0, 1).
         weight_decay: lambda (>= 0), added to the gradient (inside the norm) in both modes.
-        trust_coefficient: eta of You et al. 2017. Default: 1.0 in "paper" mode (Algorithm 1 has
-            none) and 0.001 in "classic" mode (timm, LARC, NVIDIA's LARS).
-        eps: added to the denominator of the ratio. Default: 0.0 in "paper" mode, 1e-8 in "classic".
+        trust_coefficient: eta of You et al. 2017. Default (None): by each group's mode, 1.0 in
+            "paper" mode (Algorithm 1 has none) and 0.001 in "classic" mode (timm, LARC, NVIDIA's
+            LARS); a parameter group with its own ``mode`` gets its own mode's default.
+        eps: added to the denominator of the ratio. Default (None): by each group's mode, 0.0 in
+            "paper" mode, 1e-8 in "classic".
         nesterov: Nesterov momentum (see the equations above).
         mode: "paper" or "classic".
         clip: LARC clipping (classic) or ratio <= 1 (paper).
@@ -110,10 +117,6 @@ class Lars(LayerwiseOptimizer):
         norm_reducer: SquaredSumReducer | None = None,
     ) -> None:
         check_choice("mode", mode, LARS_MODES)
-        if trust_coefficient is None:
-            trust_coefficient = 1.0 if mode == "paper" else 1e-3
-        if eps is None:
-            eps = 0.0 if mode == "paper" else 1e-8
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -141,6 +144,22 @@ class Lars(LayerwiseOptimizer):
         )
 
     @staticmethod
+    def _resolve_group(group: dict, defaults: dict) -> dict:
+        """trust_coefficient and eps left as None take the defaults of the group's own mode, and a
+        "paper" group does not inherit the constructor's classic-only options."""
+        mode = group.get("mode", defaults["mode"])
+        if mode not in LARS_MODES:
+            return group  # _check_group names the bad mode
+        filled = dict(group)
+        for key, value in MODE_DEFAULTS[mode].items():
+            if filled.get(key, defaults[key]) is None:
+                filled[key] = value
+        if mode == "paper":
+            for key, value in CLASSIC_ONLY.items():
+                filled.setdefault(key, value)
+        return filled
+
+    @staticmethod
     def _check_group(group: dict) -> None:
         check_nonneg("learning rate", group["lr"])
         check_nonneg("weight_decay", group["weight_decay"])
@@ -154,14 +173,17 @@ class Lars(LayerwiseOptimizer):
         if group["phi"] is not None and group["mode"] != "paper":
             raise ValueError(f"Invalid phi: {group['phi']!r} with mode='classic'; phi bounds exist only in mode='paper'")
         check_choice("denominator", group["denominator"], LARS_DENOMINATORS)
-        if group["mode"] == "paper" and (group["denominator"] != "sum" or group["lr_in_momentum"] is True):
-            raise ValueError(
-                f"Invalid denominator={group['denominator']!r} / lr_in_momentum={group['lr_in_momentum']!r} "
-                "with mode='paper'; both exist only in mode='classic' (paper mode normalises the momentum)"
-            )
         for flag in ("nesterov", "clip", "adapt", "lr_in_momentum"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
+        if group["mode"] == "paper":
+            wrong = [f"{k}={group[k]!r}" for k, v in CLASSIC_ONLY.items() if group[k] != v]
+            if wrong:
+                raise ValueError(
+                    f"Invalid {' and '.join(wrong)} with mode='paper'; "
+                    f"{'it exists' if len(wrong) == 1 else 'they exist'} only in mode='classic' "
+                    "(paper mode normalises the momentum)"
+                )
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         state["momentum_buffer"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
