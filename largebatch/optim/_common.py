@@ -6,6 +6,7 @@ use it run under ``torch.compile`` and on accelerators without a synchronisation
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from largebatch.optim._fused import fused_all_finite
+from largebatch.optim._fused import fused_all_finite, wide_dtype
 
 NONFINITE_POLICIES = ("skip", "raise", "none")
 NESTEROV_MODES = (None, "first", "both")
@@ -159,12 +160,18 @@ def with_layer_norms(xs: list[Tensor], us: list[Tensor], reduce: SquaredSumReduc
     With a ``reduce`` (sharded parameters) the local squared sums of all tensors make ONE request,
     answered with the global sums (one collective, shared with the other groups' requests by
     :func:`run_together`), and the norms are their square roots.
+    The norms are computed in float64 (see :func:`largebatch.optim._fused.wide_dtype`) and returned
+    in the tensors' dtype.
     """
-    w = torch.stack(torch._foreach_norm(xs))
-    u = torch.stack(torch._foreach_norm(us))
+    if not xs:
+        return then(torch.zeros(0), torch.zeros(0))
+    dt = functools.reduce(torch.promote_types, [x.dtype for x in xs])
+    wide = wide_dtype(xs[0].device)
+    w = torch.stack(torch._foreach_norm(xs, 2, dtype=wide))
+    u = torch.stack(torch._foreach_norm(us, 2, dtype=wide))
     if reduce is None:
-        return then(w, u)
-    return Pending(reduce, torch.cat([w, u]).square(), lambda sq: then(*sq.sqrt().chunk(2)))
+        return then(w.to(dt), u.to(dt))
+    return Pending(reduce, torch.cat([w, u]).square(), lambda sq: then(*sq.sqrt().to(dt).chunk(2)))
 
 
 def run(step):

@@ -401,6 +401,18 @@ def _clip_fields(trust_clip) -> dict:
     return dict(trust_clip=int(bounds is not None), clip_lo=lo, clip_hi=hi)
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, for squared sums and per-tensor coefficients of any parameter dtype (float32 on
+    MPS, which has no float64): float32 squares underflow below 1e-19 and overflow above 1e19."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _sq_sum(t: Tensor) -> Tensor:
+    """sum(t * t) in the wide dtype."""
+    t = t.to(wide_dtype(t.device))
+    return (t * t).sum()
+
+
 def first_moment_factor(beta1: float, grad_averaging: bool) -> float:
     """The factor of g in LAMB's m_t = beta1 * m_{t-1} + factor * g_t: 1 - beta1, or 1 without averaging."""
     return 1 - beta1 if grad_averaging else 1.0
@@ -530,7 +542,7 @@ def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta3: float, be
     m.copy_(m_new)
     v.copy_(v_new)
     u = _lamb_direction(x, g, m_new, v_new, coef, eps, eps_root, weight_decay, nesterov)
-    return torch.stack([(x * x).sum(), (u * u).sum()])
+    return torch.stack([_sq_sum(x), _sq_sum(u)])
 
 
 def _lamb_pass2(x, g, m, v, coef, ok, grad_scale, scale, eps: float, eps_root: float, weight_decay: float,
@@ -547,7 +559,7 @@ def _lars_paper_pass1(x, g, b, ok, grad_scale, momentum: float, weight_decay: fl
     b_new = _keep_unless(ok, b * momentum + d * (1 - momentum), b)
     b.copy_(b_new)
     n = b_new * momentum + d * (1 - momentum) if nesterov else b_new
-    return torch.stack([(x * x).sum(), (n * n).sum()])
+    return torch.stack([_sq_sum(x), _sq_sum(n)])
 
 
 def _lars_paper_pass2(x, g, b, ok, grad_scale, scale, momentum: float, weight_decay: float, nesterov: bool) -> None:
@@ -561,7 +573,7 @@ def _lars_classic_pass1(x, g, ok, grad_scale, norm_wd: float) -> Tensor:
     g = _effective_grad(g, x.dtype, ok, grad_scale)
     if norm_wd != 0:  # denominator="combined": the norm of g + wd x
         g = g + x * norm_wd
-    return torch.stack([(x * x).sum(), (g * g).sum()])
+    return torch.stack([_sq_sum(x), _sq_sum(g)])
 
 
 def _lars_classic_pass2(x, g, b, ok, grad_scale, ratio, lr: float, momentum: float, weight_decay: float,
@@ -650,7 +662,7 @@ def _torch_lamb(
     ]
 
     def pass2_all(sq: Tensor):
-        w_norm, u_norm = sq.sqrt().chunk(2)
+        w_norm, u_norm = sq.sqrt().to(dt).chunk(2)
         ratio = _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip)
         scale = -lr * ratio
         for i, (x, g, m, v) in enumerate(zip(*flat)):
@@ -678,7 +690,7 @@ def _torch_lars(
         sums = [pass1(x, g, ok, gs, norm_wd) for x, g, _ in zip(*flat)]
 
     def pass2_all(sq: Tensor):
-        w_norm, d_norm = sq.sqrt().chunk(2)
+        w_norm, d_norm = sq.sqrt().to(dt).chunk(2)
         ratio = _lars_ratio(
             w_norm, d_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
             mode=mode, clip=clip, denominator=denominator, phi=phi, adapt=adapt,

@@ -24,7 +24,7 @@ from largebatch.optim._common import (
     trust_ratio,
     with_layer_norms,
 )
-from largebatch.optim._fused import _decay_split, first_moment_factor, fused_lamb
+from largebatch.optim._fused import _decay_split, first_moment_factor, fused_lamb, wide_dtype
 from largebatch.optim._layerwise import LayerwiseOptimizer
 
 __all__ = ["Lamb", "lamb"]
@@ -343,15 +343,10 @@ def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
     the step would be off by ~7e-6 relative; callers cast the finished coefficient to the
     parameter dtype, as torch's Adam does with its Python-float bias corrections.
     """
-    t = t.to(_wide_dtype(t.device))
+    t = t.to(wide_dtype(t.device))
     if not enabled:
         return torch.ones_like(t)
     return torch.where(t > 0, 1 - beta**t, torch.ones_like(t))
-
-
-def _wide_dtype(device: torch.device) -> torch.dtype:
-    """float64 for per-tensor scalar coefficients, except on MPS (no float64 there)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _multi_tensor_lamb(
