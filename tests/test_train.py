@@ -124,8 +124,39 @@ def test_diverging_run_is_reported_and_keeps_its_checkpoint(tmp_path, mnist):
                       progress=False, log_every=1, checkpoint_every=2, task_options=SUBSET)  # fmt: skip
     res = fit(cfg, task=mnist)
     assert res.status == "diverged" and res.steps < res.total_steps
-    ck = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()) or ck["step"] <= res.steps
+    saved = tmp_path / "d" / "checkpoint.pt"
+    nonfinite = [r for r in res.history if r["split"] == "train" and not r["loss"] < float("inf")]
+    assert nonfinite and nonfinite[0]["step"] >= 2  # the weights were finite at the first checkpoint
+    ck = torch.load(saved, weights_only=True)  # never overwritten by non-finite weights
+    assert ck["step"] < nonfinite[0]["step"] + 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_lamb_skips_nonfinite_gradients_and_reports_them(tmp_path, mnist):
+    """A NaN gradient (from a NaN input) skips Lamb's step: the weights stay finite, the run goes on,
+    and the skipped steps appear in the log records and in result.json."""
+    task = get_task("mnist-lenet", **SUBSET)
+    task._x["train"][:] = float("nan")  # every gradient is NaN
+    cfg = TrainConfig(task="mnist-lenet", optimizer="lamb", batch_size=64, epochs=1, lr=0.01, max_steps=3,
+                      out_dir=str(tmp_path / "nan"), progress=False, log_every=1, diverge_patience=10)  # fmt: skip
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = _params(model)
+    res = fit(cfg, task=task, model=model)
+    # two parameter groups (with and without weight decay), each skipped at each of the 3 steps
+    assert res.status == "stopped" and res.skipped_group_steps == 6
+    assert [r["skipped_group_steps"] for r in res.history if r["split"] == "train"] == [2, 4, 6]
+    assert json.loads((tmp_path / "nan" / "result.json").read_text())["skipped_group_steps"] == 6
+    for a, b in zip(before, _params(model)):
+        assert torch.equal(a, b)
+
+
+def test_logged_lr_is_the_lr_each_update_used(mnist):
+    cfg = TrainConfig(task="mnist-lenet", optimizer="sgd", batch_size=128, epochs=1, lr=0.1, warmup_epochs=0.5,
+                      progress=False, log_every=1)  # fmt: skip  # 4 steps: warmup 2, decay 2
+    res = fit(cfg, task=mnist)
+    logged = [r["lr"] for r in res.history if r["split"] == "train"]
+    assert logged == pytest.approx([0.05, 0.1, 0.1, 0.05])  # (t + 1) / 2 then linear decay to 0 at step 4
 
 
 def test_same_epochs_budget_and_recipe(mnist):

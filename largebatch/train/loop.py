@@ -32,6 +32,10 @@ from largebatch.train.task import Task
 PRECISIONS = ("fp32", "bf16", "fp64")
 
 
+def _positive_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run. Plain values only, so it is stored in checkpoints and databases.
@@ -96,11 +100,15 @@ class TrainConfig:
             raise ValueError(f"Invalid epochs: {self.epochs!r}; it must be > 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Invalid precision: {self.precision!r}; allowed values are {', '.join(PRECISIONS)}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool) or self.max_steps < 1):
+            raise ValueError(f"Invalid max_steps: {self.max_steps!r}; it must be None (train to the end) or an integer >= 1")
         for name in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be >= 0 (0 = off)")
-        if self.lr is not None and not self.lr >= 0:
-            raise ValueError(f"Invalid lr: {self.lr!r}; it must be >= 0 or None (derived from base_lr by the recipe)")
+        if self.lr is not None and not _positive_finite(self.lr):
+            raise ValueError(f"Invalid lr: {self.lr!r}; it must be a finite number > 0, or None (derived from base_lr by the recipe)")
+        if not _positive_finite(self.base_lr):
+            raise ValueError(f"Invalid base_lr: {self.base_lr!r}; it must be a finite number > 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -138,6 +146,7 @@ class TrainResult:
     micro_batch_size: int
     world_size: int
     config: dict[str, Any]
+    skipped_group_steps: int = 0  # (parameter group, step) pairs skipped for non-finite gradients (Lamb, Lars)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -280,7 +289,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         return metrics
 
     def save(step: int, elapsed: float) -> None:
-        if ckpt_path and dist.is_main:
+        # non-finite weights are never written: the last checkpoint stays the last good one
+        if ckpt_path and dist.is_main and _all_finite(model.state_dict().values()):
             save_checkpoint(
                 ckpt_path,
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -315,7 +325,9 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
             """Forward/backward over this rank's micro-batches; grads hold d(sum loss / W)."""
             micro_idx = share.split(micro)
             batches = [task.get_batch("train", mi, batch_generator(config.seed, step, dist.rank, j)) for j, mi in enumerate(micro_idx)]
-            total_weight = distributed.all_reduce_sum(torch.tensor(float(sum(b.weight for b in batches)), device=device))
+            # in float64: 1 / total_weight rounded to float32 would make an fp64 run inexact
+            total_weight = distributed.all_reduce_sum(
+                torch.tensor(float(sum(b.weight for b in batches)), dtype=torch.float64, device=device))
             # DDP averages gradients over ranks; scaling by world_size / W makes the result sum/W.
             scale = dist.world_size / total_weight
             step_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -345,6 +357,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
                 log({"step": step, "split": "train", "event": "out_of_memory", "micro_batch_size": micro})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_lr = optimizer.param_groups[0]["lr"]  # the lr this update used (logged as "lr")
         scheduler.step()
 
         window_loss += distributed.all_reduce_sum(step_loss) / total_weight  # stays on the device
@@ -358,7 +371,9 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
             # the loss is read on the host only here, once per log interval
             now = time.perf_counter()
             rec = {"step": done, "epoch": done / spe, "split": "train", "loss": float(window_loss) / window_weight,
-                   "lr": optimizer.param_groups[0]["lr"], "examples_per_s": window_examples / max(now - window_t, 1e-9)}  # fmt: skip
+                   "lr": step_lr, "examples_per_s": window_examples / max(now - window_t, 1e-9)}  # fmt: skip
+            if hasattr(optimizer, "skipped_steps"):  # cumulative (group, step) pairs with non-finite gradients
+                rec["skipped_group_steps"] = _skipped(optimizer)
             if config.record_trust_ratios and getattr(optimizer, "telemetry", None) is not None:
                 rec["trust_ratio"] = {names.get(p, "?"): s["trust_ratio"] for p, s in optimizer.telemetry.read().items()}
             if not math.isfinite(rec["loss"]):
@@ -398,7 +413,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     result = TrainResult(
         status=status, steps=step, total_steps=total_steps, final=final, history=history, wall_time=elapsed,
         lr=peak_lr, warmup_steps=plan.warmup_steps, accumulation=accumulation, micro_batch_size=micro,
-        world_size=dist.world_size, config=config.to_dict(),
+        world_size=dist.world_size, config=config.to_dict(), skipped_group_steps=_skipped(optimizer),
     )  # fmt: skip
     if out_dir and dist.is_main:
         atomic_write_json(out_dir / "result.json", result.to_dict())
@@ -407,6 +422,15 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     if writer:
         writer.close()
     return result
+
+
+def _all_finite(tensors) -> bool:
+    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+
+
+def _skipped(optimizer) -> int:
+    return int(getattr(optimizer, "skipped_steps", 0))
 
 
 def _is_oom(err: BaseException) -> bool:
