@@ -195,7 +195,13 @@ def test_cifar_augmentation_is_crop_and_flip_from_generator(cifar):
         if flips[i]:
             crop = crop.flip(-1)
         torch.testing.assert_close(out[i], crop, rtol=0, atol=0)
+    keyed = random_crop_flip(images, gen(3), keys=torch.arange(6))  # per example: the split does not matter
+    halves = torch.cat([random_crop_flip(images[:2], gen(3), keys=torch.arange(2)),
+                        random_crop_flip(images[2:], gen(3), keys=torch.arange(2, 6))])  # fmt: skip
+    assert torch.equal(keyed, halves)
     idx = torch.arange(16)
+    whole = cifar.get_batch("train", idx, gen(7)).tensors["x"]
+    assert torch.equal(whole, torch.cat([cifar.get_batch("train", part, gen(7)).tensors["x"] for part in (idx[:9], idx[9:])]))
     assert batches_equal(cifar.get_batch("train", idx, gen(7)), cifar.get_batch("train", idx, gen(7)))
     assert not batches_equal(cifar.get_batch("train", idx, gen(7)), cifar.get_batch("train", idx, gen(8)))
 
@@ -331,6 +337,17 @@ def test_bert_mask_fallback_selects_one_per_row():
     _, labels = mask_tokens(ids, gen(1), vocab_size=100, mask_prob=1e-6)
     assert ((labels != -100).sum(dim=1) == 1).all()
     assert (labels[:, 0] == -100).all() and (labels[:, -1] == -100).all()
+
+
+def test_bert_train_masks_do_not_depend_on_the_split(bert):
+    """A step's generator goes to every micro-batch and rank; masks are drawn per example, so one
+    batch of 12 and the same examples as 5 + 7 (or in another order) get the same masks."""
+    idx = torch.tensor([7, 3, 100, 4, 9, 11, 0, 1, 2, 5, 6, 8])
+    whole = bert.get_batch("train", idx, gen(11)).tensors["input_ids"]
+    parts = torch.cat([bert.get_batch("train", part, gen(11)).tensors["input_ids"] for part in (idx[:5], idx[5:])])
+    assert torch.equal(whole, parts)
+    order = torch.argsort(idx)
+    assert torch.equal(bert.get_batch("train", idx[order], gen(11)).tensors["input_ids"], whole[order])
 
 
 def test_bert_get_batch_deterministic(bert):

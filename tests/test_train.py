@@ -244,6 +244,24 @@ def test_bert_mlm_trains_a_few_steps(tmp_path):
     assert 0.0 <= res.final["accuracy"] <= 1.0 and res.final["loss"] > 0
 
 
+def test_bert_mlm_accumulation_equals_one_big_batch():
+    """Masks are drawn per example from the step's generator: micro-batches of 16 or 8 give the
+    weights of one batch of 32 (float64, dropout off, plain SGD)."""
+    runs = []
+    for micro in (32, 16, 8):
+        task = get_task("bert-mlm", train_subset=96, eval_subset=16, seq_len=32,
+                        config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})  # fmt: skip
+        torch.manual_seed(0)
+        model = task.build_model()
+        cfg = TrainConfig(task="bert-mlm", optimizer="sgd", batch_size=32, micro_batch_size=micro, epochs=1, lr=0.1,
+                          precision="fp64", max_steps=2, progress=False, log_every=0)  # fmt: skip
+        fit(cfg, task=task, model=model)
+        runs.append(_params(model))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_automatic_micro_batch_halves_on_out_of_memory(mnist):
     """A micro-batch that does not fit is halved and the step redone; the result is unchanged."""
 

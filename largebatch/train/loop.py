@@ -164,9 +164,11 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def batch_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    """The generator for augmentation/masking of one micro-batch (resumable: a pure function)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 1013 + micro)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for augmentation/masking of one step, handed to every micro-batch on every rank
+    (resumable: a pure function). Tasks draw per example from it (``task.example_generators``), so
+    a step's data do not depend on the micro-batch size or the number of ranks."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def plan_micro_batches(per_rank: int, micro_batch_size: int | None, max_micro_batch: int) -> tuple[int, int]:
@@ -324,7 +326,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         def accumulate(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Forward/backward over this rank's micro-batches; grads hold d(sum loss / W)."""
             micro_idx = share.split(micro)
-            batches = [task.get_batch("train", mi, batch_generator(config.seed, step, dist.rank, j)) for j, mi in enumerate(micro_idx)]
+            gen = step_generator(config.seed, step)
+            batches = [task.get_batch("train", mi, gen) for mi in micro_idx]
             # in float64: 1 / total_weight rounded to float32 would make an fp64 run inexact
             total_weight = distributed.all_reduce_sum(
                 torch.tensor(float(sum(b.weight for b in batches)), dtype=torch.float64, device=device))

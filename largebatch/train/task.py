@@ -34,6 +34,19 @@ class Batch:
         return Batch({k: move(v) for k, v in self.tensors.items()}, self.weight)
 
 
+def example_generators(generator: torch.Generator | None, indices: torch.Tensor) -> list[torch.Generator | None]:
+    """One generator per example, seeded from ``generator.initial_seed()`` and the example's index
+    (not its position in the batch), so what an example draws does not depend on which
+    micro-batch or rank it lands in. ``None`` (the global RNG) for every example without a generator."""
+    if generator is None:
+        return [None] * int(indices.numel())
+    base = generator.initial_seed()
+    return [
+        torch.Generator().manual_seed((base * 0x9E3779B97F4A7C15 + (i + 1) * 0xBF58476D1CE4E5B9) % (1 << 63))
+        for i in indices.tolist()
+    ]
+
+
 class Task(ABC):
     """A built-in or user task. Subclasses set ``name`` and ``metric`` (the headline eval metric)."""
 
@@ -50,7 +63,10 @@ class Task(ABC):
 
     @abstractmethod
     def get_batch(self, split: str, indices: torch.Tensor, generator: torch.Generator | None = None) -> Batch:
-        """The examples at ``indices``. Random augmentation/masking must draw only from ``generator``."""
+        """The examples at ``indices``. Random augmentation/masking must come only from ``generator``,
+        and per example (see :func:`example_generators`): the training loop passes the same
+        generator to every micro-batch and rank of a step, so that an example is augmented the same
+        way however the effective batch is split (accumulation and data parallelism stay exact)."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

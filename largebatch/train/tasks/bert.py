@@ -56,7 +56,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ..checkpoint import atomic_write_bytes
 from ..data import cache_dir, default_data_dir, load_text_corpus
-from ..task import Batch, Task
+from ..task import Batch, Task, example_generators
 from .common import check_split, subset_size
 
 HELD_OUT_WORKS = ("hamlet", "macbeth", "sonnets", "twelfth_night")
@@ -217,6 +217,7 @@ def mask_tokens(
     generator: torch.Generator | None,
     vocab_size: int,
     mask_prob: float = 0.15,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of ``input_ids`` ``[B, L]``: returns ``(masked input_ids, labels)`` where
     labels hold the original id at selected positions and -100 elsewhere.
@@ -224,21 +225,38 @@ def mask_tokens(
     Special tokens (ids < 5) are never selected. Every row with an eligible token gets at least
     one selected position. Draws, in order and with fixed shapes (so a generator's state after the
     call depends only on the batch shape): selection uniforms ``[B, L]``, fallback uniforms
-    ``[B, L]``, replacement-kind uniforms ``[B, L]``, random token ids ``[B, L]``.
+    ``[B, L]``, replacement-kind uniforms ``[B, L]``, random token ids ``[B, L]``. With ``keys``
+    (one example index per row), row i makes the same draws with shape ``[L]`` from its own
+    generator (:func:`largebatch.train.task.example_generators`): its masking then does not depend
+    on the other rows of the batch.
     """
     shape = input_ids.shape
+    if keys is None:
+        draws = _mask_draws(shape, generator, vocab_size, input_ids.dtype)
+    else:
+        rows = [_mask_draws(shape[1:], g, vocab_size, input_ids.dtype) for g in example_generators(generator, keys)]
+        draws = tuple(torch.stack(d) for d in zip(*rows)) if rows else _mask_draws(shape, None, vocab_size, input_ids.dtype)
+    select_u, fallback_u, kind, random_ids = draws
     eligible = input_ids >= NUM_SPECIAL
-    selected = (torch.rand(shape, generator=generator) < mask_prob) & eligible
-    fallback_score = torch.rand(shape, generator=generator).masked_fill_(~eligible, -1.0)
+    selected = (select_u < mask_prob) & eligible
+    fallback_score = fallback_u.masked_fill_(~eligible, -1.0)
     fallback = torch.zeros_like(selected).scatter_(1, fallback_score.argmax(dim=1, keepdim=True), True)
     none_selected = ~selected.any(dim=1, keepdim=True) & eligible.any(dim=1, keepdim=True)
     selected |= fallback & none_selected
-    kind = torch.rand(shape, generator=generator)
-    random_ids = torch.randint(NUM_SPECIAL, vocab_size, shape, generator=generator, dtype=input_ids.dtype)
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
     masked = torch.where(selected & (kind < 0.8), torch.full_like(input_ids, MASK_ID), input_ids)
     masked = torch.where(selected & (kind >= 0.8) & (kind < 0.9), random_ids, masked)
     return masked, labels
+
+
+def _mask_draws(shape, generator, vocab_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The four draws of :func:`mask_tokens`, in order."""
+    return (
+        torch.rand(shape, generator=generator),
+        torch.rand(shape, generator=generator),
+        torch.rand(shape, generator=generator),
+        torch.randint(NUM_SPECIAL, vocab_size, shape, generator=generator, dtype=dtype),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +399,7 @@ class BertMlmTask(Task):
         split = check_split(split, self.name)
         indices = torch.as_tensor(indices, dtype=torch.long)
         if split == "train":
-            input_ids, labels = mask_tokens(self._ids["train"][indices], generator, self.vocab_size, self.mask_prob)
+            input_ids, labels = mask_tokens(self._ids["train"][indices], generator, self.vocab_size, self.mask_prob, keys=indices)
         else:
             input_ids, labels = self._eval_masked[indices], self._eval_labels[indices]
         flat = labels.reshape(-1)

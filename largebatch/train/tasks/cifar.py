@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, default_data_dir, load_cifar10
-from ..task import Batch, Task
+from ..task import Batch, Task, example_generators
 from .common import check_split, classification_loss, subset_size
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -81,13 +81,23 @@ class ResNet9(nn.Module):
         return self.fc(x) * self.output_scale
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator | None, pad: int = PAD) -> torch.Tensor:
+def random_crop_flip(
+    images: torch.Tensor, generator: torch.Generator | None, pad: int = PAD, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """Random ``H x W`` crops of the reflection-padded ``images`` ``[B, C, H, W]``, each flipped
     horizontally with probability 1/2. Draws, in order: crop offsets ``[B, 2]`` in [0, 2*pad],
-    then flip bits ``[B]``."""
+    then flip bits ``[B]``. With ``keys`` (one example index per image), image i draws its offsets
+    ``[2]`` and flip ``[1]`` from its own generator (:func:`largebatch.train.task.example_generators`),
+    independently of the other images of the batch."""
     b, c, h, w = images.shape
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
-    flip = torch.randint(0, 2, (b,), generator=generator).bool()
+    if keys is None:
+        offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
+        flip = torch.randint(0, 2, (b,), generator=generator).bool()
+    else:
+        draws = [(torch.randint(0, 2 * pad + 1, (2,), generator=g), torch.randint(0, 2, (1,), generator=g))
+                 for g in example_generators(generator, keys)]  # fmt: skip
+        offsets = torch.stack([o for o, _ in draws]) if draws else torch.zeros((0, 2), dtype=torch.long)
+        flip = torch.cat([f for _, f in draws]).bool() if draws else torch.zeros(0, dtype=torch.bool)
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     rows = offsets[:, :1] + torch.arange(h)  # [B, H]
     cols = offsets[:, 1:] + torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w))  # [B, W]
@@ -172,7 +182,7 @@ class Cifar10ResNetTask(Task):
         indices = torch.as_tensor(indices, dtype=torch.long)
         x = self._x[split][indices].to(torch.float32)
         if split == "train" and self.augment:
-            x = random_crop_flip(x, generator)
+            x = random_crop_flip(x, generator, keys=indices)
         x = (x - self._mean) / self._std
         return Batch({"x": x, "y": self._y[split][indices]}, int(indices.numel()))
 
