@@ -190,6 +190,31 @@ def test_bad_inputs_have_clear_errors(mnist, tmp_path):
         get_task("mnist-lenet", data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"unknown task 'imagenet'; valid tasks: bert-mlm, cifar10-resnet, mnist-lenet"):
         get_task("imagenet")
+    for bad, message in [
+        (dict(optimizer_options={"nosuch": 1}), r"Unknown option\(s\) nosuch for optimizer 'lamb' \(Lamb\); allowed: betas, eps"),
+        (dict(optimizer="adamw", optimizer_options={"lr": 5}), r"lr cannot be an optimizer option"),
+        (dict(max_steps=-3), r"Invalid max_steps: -3; it must be None \(train to the end\) or an integer >= 1"),
+        (dict(base_batch=0), r"Invalid base_batch: 0"),
+        (dict(lr=0.0), r"Invalid lr: 0.0; it must be a finite number > 0"),
+        (dict(optimizer="adamw", max_grad_norm=-1.0), r"Invalid max_grad_norm: -1.0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fit(TrainConfig(**bad, progress=False), task=mnist)
+
+
+def test_max_grad_norm_clips_torch_optimizers_too(mnist):
+    """--max-grad-norm clips AdamW (by clip_grad_norm_) as it clips Lamb (inside its step)."""
+    runs = []
+    for clip in (None, 1e-3):
+        torch.manual_seed(0)
+        model = mnist.build_model()
+        cfg = TrainConfig(task="mnist-lenet", optimizer="sgd", optimizer_options={"momentum": 0.0}, batch_size=64,
+                          lr=0.1, max_grad_norm=clip, precision="fp64", max_steps=1, progress=False, log_every=0)  # fmt: skip
+        start = _params(model.double())
+        fit(cfg, task=mnist, model=model)
+        runs.append([b - a for a, b in zip(start, _params(model))])
+    step_norm = [torch.cat([d.flatten() for d in run]).norm().item() for run in runs]
+    assert step_norm[1] == pytest.approx(0.1 * 1e-3, rel=1e-4) and step_norm[0] > 10 * step_norm[1]
 
 
 def test_cli_train_prints_summary_and_rejects_unknown_names(tmp_path):
@@ -203,6 +228,8 @@ def test_cli_train_prints_summary_and_rejects_unknown_names(tmp_path):
     assert bad.returncode == 2 and "invalid choice: 'lion'" in bad.stderr and "lamb" in bad.stderr
     bad = subprocess.run(base + ["--task", "imagenet"], capture_output=True, text=True)
     assert bad.returncode == 2 and "mnist-lenet" in bad.stderr
+    bad = subprocess.run(base + ["--optimizer-option", "nosuch=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: Unknown option(s) nosuch") and "Traceback" not in bad.stderr
 
 
 def _write_tiny_cifar(folder: Path, n: int = 32) -> None:

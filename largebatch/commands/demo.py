@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -23,7 +24,11 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     print(f"largebatch demo: MNIST LeNet-5, LAMB vs AdamW, batch {args.base_batch} and {args.base_batch * args.scale}, "
           f"{args.epochs:g} epochs each, sqrt LR rule, linear-epoch warmup, poly decay")  # fmt: skip
-    results = run_demo(args.out_dir, args.base_batch, args.scale, args.epochs, args.train_subset, not args.no_progress)
+    try:
+        results = run_demo(args.out_dir, args.base_batch, args.scale, args.epochs, args.train_subset, not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     table = results_table(results)
     out = Path(args.out_dir)
     (out / "results.md").write_text(table + "\n")

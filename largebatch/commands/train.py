@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from largebatch.optim.registry import OPTIMIZERS
 from largebatch.train.tasks import TASKS
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power", type=float, default=1.0, help="polynomial decay power")
     p.add_argument("--decay-epochs", type=float, nargs="*", default=[], help="epochs of x0.1 steps (--decay step)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (biases/norms excluded)")
-    p.add_argument("--max-grad-norm", type=float, default=None, help="global gradient-norm clipping (layer-wise optimizers)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="global gradient-norm clipping (Lamb/Lars inside their step, torch optimizers by clip_grad_norm_)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"])
@@ -75,7 +77,11 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from largebatch.train.loop import fit
 
-    result = fit(config_from_args(args))
+    try:
+        result = fit(config_from_args(args))
+    except (ValueError, FileNotFoundError) as err:  # bad options or data: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result.world_size > 1 and not result.final:
         return 0  # non-main ranks print nothing
     final = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())

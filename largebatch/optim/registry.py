@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -45,14 +46,34 @@ OPTIMIZERS: dict[str, OptimInfo] = {
 }
 
 
+def check_optimizer_options(name: str, options: Mapping) -> None:
+    """ValueError unless ``name`` is a registered optimizer whose constructor takes every option
+    (``lr`` and ``weight_decay`` are arguments of their own, not options)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZERS)}")
+    own = sorted({"lr", "weight_decay", "params"} & set(options))
+    if own:
+        raise ValueError(
+            f"{', '.join(own)} cannot be an optimizer option: the learning rate comes from lr/base_lr and the "
+            "recipe (--lr, --base-lr), the weight decay from weight_decay (--weight-decay)"
+        )
+    accepted = [n for n in inspect.signature(OPTIMIZERS[name].cls.__init__).parameters
+                if n not in ("self", "params", "lr", "weight_decay", "args", "kwargs")]  # fmt: skip
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {', '.join(unknown)} for optimizer {name!r} "
+            f"({OPTIMIZERS[name].cls.__name__}); allowed: {', '.join(accepted)}"
+        )
+
+
 def create_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, **options) -> torch.optim.Optimizer:
     """Build the optimizer called ``name`` (see ``OPTIMIZERS``) with its variant defaults.
 
     Per-group "adapt" flags (from :func:`largebatch.param_groups`) are dropped for optimizers that
     have no layer-wise adaptation.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; valid names are: {', '.join(OPTIMIZERS)}")
+    check_optimizer_options(name, options)
     info = OPTIMIZERS[name]
     params = list(params)
     if not info.layerwise:

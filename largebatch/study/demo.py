@@ -34,6 +34,9 @@ def run_demo(
     train_subset: int | None = None,
     progress: bool = True,
 ) -> list[tuple[DemoSetting, int, TrainResult]]:
+    for name, value in (("base_batch", base_batch), ("scale", scale)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"Invalid {name}: {value!r}; it must be a positive integer")
     out_dir = Path(out_dir)
     results = []
     for setting in SETTINGS:

@@ -24,7 +24,7 @@ from torch import nn
 
 from largebatch import distributed
 from largebatch.optim import create_optimizer, param_groups
-from largebatch.optim.registry import OPTIMIZERS
+from largebatch.optim.registry import OPTIMIZERS, check_optimizer_options
 from largebatch.schedules import Recipe, ScheduleLR
 from largebatch.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.task import Task
@@ -88,8 +88,7 @@ class TrainConfig:
     record_trust_ratios: bool = False  # add {layer name: trust ratio} of the last step to train log records
 
     def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid names are: {', '.join(OPTIMIZERS)}")
+        check_optimizer_options(self.optimizer, self.optimizer_options)  # before any data is loaded
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ValueError(f"Invalid batch_size: {self.batch_size!r}; it must be a positive integer")
         if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int) or self.micro_batch_size <= 0):
@@ -107,6 +106,10 @@ class TrainConfig:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be >= 0 (0 = off)")
         if self.lr is not None and not _positive_finite(self.lr):
             raise ValueError(f"Invalid lr: {self.lr!r}; it must be a finite number > 0, or None (derived from base_lr by the recipe)")
+        if self.base_batch is not None and (not isinstance(self.base_batch, int) or isinstance(self.base_batch, bool) or self.base_batch < 1):
+            raise ValueError(f"Invalid base_batch: {self.base_batch!r}; it must be None (= batch_size) or a positive integer")
+        if self.max_grad_norm is not None and not _positive_finite(self.max_grad_norm):
+            raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm!r}; it must be None (no clipping) or a finite number > 0")
         if not _positive_finite(self.base_lr):
             raise ValueError(f"Invalid base_lr: {self.base_lr!r}; it must be a finite number > 0")
 
@@ -247,8 +250,11 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     names = {p: n for n, p in model.named_parameters()}
     groups = param_groups(model, config.weight_decay, exclude_from_adaptation=config.exclude_from_adaptation)
     opt_options = dict(config.optimizer_options)
+    clip_outside = None  # torch optimizers: the loop clips with clip_grad_norm_ (same eps, 1e-6, as ours)
     if config.max_grad_norm is not None and OPTIMIZERS[config.optimizer].layerwise:
         opt_options.setdefault("max_grad_norm", config.max_grad_norm)
+    elif config.max_grad_norm is not None:
+        clip_outside = config.max_grad_norm
     optimizer = create_optimizer(config.optimizer, groups, lr=peak_lr, weight_decay=config.weight_decay, **opt_options)
     scheduler = ScheduleLR(optimizer, plan.schedule, peak_lr=peak_lr)
     train_model: nn.Module = model
@@ -358,6 +364,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 log({"step": step, "split": "train", "event": "out_of_memory", "micro_batch_size": micro})
+        if clip_outside is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_outside)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_lr = optimizer.param_groups[0]["lr"]  # the lr this update used (logged as "lr")

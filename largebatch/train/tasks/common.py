@@ -13,7 +13,10 @@ def subset_size(value: int | str | None, n: int, option: str) -> int:
     """``n`` when ``value`` is None, else ``min(value, n)``; ``value`` must be a positive int."""
     if value is None:
         return n
-    value = int(value)
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{option} must be a positive number of examples, got {value!r}") from None
     if value < 1:
         raise ValueError(f"{option} must be a positive number of examples, got {value}")
     return min(value, n)
