@@ -159,6 +159,47 @@ def test_load_mnist_count_mismatch(tmp_path):
         load_mnist(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "name,array,message",
+    [
+        ("train-labels-idx1-ubyte", np.full(6, -1, np.int8), "train labels must be class indices >= 0, got -1"),
+        ("train-labels-idx1-ubyte", np.zeros(6, np.float32), "train labels must be integers, got torch.float32"),
+        ("t10k-images-idx3-ubyte", np.zeros((4, 28, 28), np.float32), r"test images must be unsigned bytes \(IDX type 0x08\)"),
+    ],
+)
+def test_load_mnist_rejects_what_a_classifier_cannot_use(tmp_path, name, array, message):
+    write_fake_mnist(tmp_path)
+    write_idx(tmp_path / name, array)
+    with pytest.raises(ValueError, match=message):
+        load_mnist(tmp_path)
+
+
+def test_load_mnist_rejects_an_empty_split(tmp_path):
+    write_fake_mnist(tmp_path, n_test=0)
+    with pytest.raises(ValueError, match="the test split has no examples"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_task_follows_the_image_size(tmp_path):
+    """LeNet-5 is built for the data's image size (32x32 here); below 12x12 the task refuses."""
+    from largebatch.train.tasks import get_task
+
+    for stem, n in (("train", 6), ("t10k", 4)):
+        write_idx(tmp_path / f"{stem}-images-idx3-ubyte", np.zeros((n, 32, 32), np.uint8))
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8))
+    task = get_task("mnist-lenet", data_dir=str(tmp_path))
+    batch = task.get_batch("train", torch.arange(3))
+    loss, _ = task.loss(task.build_model(), batch)
+    assert batch.tensors["x"].shape == (3, 1, 32, 32) and torch.isfinite(loss)
+    small = tmp_path / "small"
+    small.mkdir()
+    for stem, n in (("train", 6), ("t10k", 4)):
+        write_idx(small / f"{stem}-images-idx3-ubyte", np.zeros((n, 11, 11), np.uint8))
+        write_idx(small / f"{stem}-labels-idx1-ubyte", np.zeros(n, np.uint8))
+    with pytest.raises(ValueError, match="LeNet-5 needs images of at least 12x12, got 11x11"):
+        get_task("mnist-lenet", data_dir=str(small))
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10
 

@@ -151,7 +151,8 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
 
     Raises:
         FileNotFoundError: the folder or a file is missing (the message names the files expected).
-        ValueError: a file is not valid IDX, or images and labels disagree.
+        ValueError: a file is not valid IDX, images and labels disagree, images are not bytes,
+            labels are not integers >= 0, or a split is empty.
     """
     folder = Path(folder)
     expected = ", ".join(f"{stem}-{kind}[.gz]" for stem, kind in _MNIST_FILES.values())
@@ -179,7 +180,15 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
             raise ValueError(
                 f"{folder}: {split} has {images.shape[0]} images but {labels.shape[0]} labels"
             )
-        out[split] = (images.to(torch.uint8), labels.to(torch.int64))
+        if images.dtype != torch.uint8:
+            raise ValueError(f"{folder}: {split} images must be unsigned bytes (IDX type 0x08), got {images.dtype}")
+        if labels.is_floating_point():
+            raise ValueError(f"{folder}: {split} labels must be integers, got {labels.dtype}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{folder}: the {split} split has no examples")
+        if int(labels.min()) < 0:
+            raise ValueError(f"{folder}: {split} labels must be class indices >= 0, got {int(labels.min())}")
+        out[split] = (images, labels.to(torch.int64))
     return out
 
 

@@ -7,7 +7,8 @@ subsampling layers with trainable coefficients and a partially connected C3 laye
 pooling and a fully connected C3 are what the large-batch literature runs.
 
 Images are normalised once at construction (mean 0.1307, std 0.3081, the MNIST training-set
-statistics) and kept in memory as float32 ``[N, 1, 28, 28]``. No augmentation, so ``get_batch``
+statistics) and kept in memory as float32 ``[N, 1, H, W]`` (28x28 for MNIST; the model follows the
+size of the data, at least 12x12). No augmentation, so ``get_batch``
 ignores its generator.
 """
 
@@ -27,14 +28,24 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
-class LeNet5(nn.Module):
-    """LeNet-5 with ReLU and max pooling, for 1x28x28 inputs and ``num_classes`` outputs."""
+def lenet_feature_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    """The spatial size LeNet-5's second pooling leaves of ``H x W`` inputs (5x5 for 28x28)."""
+    h, w = (((d + 4 - 4) // 2 - 4) // 2 for d in image_size)  # conv1 keeps the size (padding 2)
+    if h < 1 or w < 1:
+        raise ValueError(f"LeNet-5 needs images of at least 12x12, got {image_size[0]}x{image_size[1]}")
+    return h, w
 
-    def __init__(self, num_classes: int = 10):
+
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLU and max pooling, for ``1 x H x W`` inputs (28x28 by default, at least
+    12x12) and ``num_classes`` outputs."""
+
+    def __init__(self, num_classes: int = 10, image_size: tuple[int, int] = (28, 28)):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 6, kernel_size=5, padding=2)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        h, w = lenet_feature_size(image_size)
+        self.fc1 = nn.Linear(16 * h * w, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
@@ -57,7 +68,7 @@ class MnistLeNetTask(Task):
         eval_subset: use only the first N test examples.
 
     Splits: "train" is the 60,000 training images, "eval" the 10,000 test images. Batches hold
-    ``x`` (float32 ``[B, 1, 28, 28]``, normalised) and ``y`` (int64 ``[B]``); weight = B.
+    ``x`` (float32 ``[B, 1, H, W]``, normalised) and ``y`` (int64 ``[B]``); weight = B.
     Metric "accuracy": correct predictions, a sum that ``evaluate`` divides by the weight.
     """
 
@@ -85,9 +96,16 @@ class MnistLeNetTask(Task):
             self._x[split] = x.sub_(MNIST_MEAN).div_(MNIST_STD).contiguous()
             self._y[split] = labels[:n].clone()
         self.num_classes = int(max(self._y["train"].max(), self._y["eval"].max())) + 1
+        self.image_size = tuple(self._x["train"].shape[-2:])
+        if self._x["eval"].shape[-2:] != self._x["train"].shape[-2:]:
+            raise ValueError(
+                f"{folder}: train images are {self.image_size[0]}x{self.image_size[1]} but test images "
+                f"{self._x['eval'].shape[-2]}x{self._x['eval'].shape[-1]}; both splits need one size"
+            )
+        lenet_feature_size(self.image_size)  # a size LeNet-5 cannot take fails here, before training
 
     def build_model(self) -> nn.Module:
-        return LeNet5(num_classes=max(10, self.num_classes))
+        return LeNet5(num_classes=max(10, self.num_classes), image_size=self.image_size)
 
     def num_examples(self, split: str) -> int:
         return self._y[check_split(split, self.name)].shape[0]
