@@ -95,3 +95,11 @@ def test_param_groups_bad_spec():
         param_groups(torch.nn.Linear(2, 2), 0.1, exclude_from_weight_decay="all")
     with pytest.raises(ValueError, match=r"Invalid weight_decay value: -0.1"):
         param_groups(torch.nn.Linear(2, 2), -0.1)
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+@pytest.mark.parametrize("dtype,hint", [(torch.complex64, "optimize torch.view_as_real"), (torch.int64, "")])
+def test_parameters_must_be_real_floating_point(cls, dtype, hint):
+    p = torch.zeros(2, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"Invalid parameter of dtype {dtype}: {cls.__name__} takes real floating-point parameters.*{hint}"):
+        cls([p])

@@ -294,6 +294,18 @@ def test_nonfinite_raise_policy():
         Lamb([p], nonfinite="raise").step()
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_nonfinite_none_with_clipping_skips_and_counts(path):
+    """With max_grad_norm the global norm is a check at no cost: even nonfinite="none" skips a
+    step whose norm is not finite, and counts it."""
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt = Lamb([p], nonfinite="none", max_grad_norm=1.0, **path)
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p.detach(), before) and int(opt.skipped_steps) == 1
+
+
 def test_nonfinite_raise_changes_no_group():
     """Every group is checked before any changes: the good group before the bad one is untouched too."""
     good, bad = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)

@@ -101,6 +101,14 @@ class LayerwiseOptimizer(Optimizer):
         """torch.optim's add_param_group, then the group (defaults filled in) is validated."""
         super().add_param_group(self._resolve_group(param_group, self.defaults))
         self._check_group(self.param_groups[-1])
+        for p in self.param_groups[-1]["params"]:
+            if not p.is_floating_point():
+                hint = " (optimize torch.view_as_real(p) for complex ones)" if p.is_complex() else ""
+                self.param_groups.pop()
+                raise ValueError(
+                    f"Invalid parameter of dtype {p.dtype}: {type(self).__name__} takes real floating-point "
+                    f"parameters (float16, bfloat16, float32, float64){hint}"
+                )
 
     @staticmethod
     def _resolve_group(group: dict, defaults: dict) -> dict:
@@ -190,7 +198,7 @@ class LayerwiseOptimizer(Optimizer):
         # squared sums: running them together answers the requests of all groups with ONE collective.
         updates = []
         for _, group, (params, grads, states), ok in active:
-            if self.nonfinite != "none":
+            if self.nonfinite != "none" or global_ok is not None:  # clipping: the norm is a free check
                 self.skipped_steps += (~ok).to(torch.int64).to(self.skipped_steps.device)
             updates.extend(self._group_updates(group, params, grads, states, ok, grad_scale))
         results = run_together([update for *_, update in updates])

@@ -99,7 +99,9 @@ class Lamb(LayerwiseOptimizer):
             ``max_grad_norm`` the whole step is skipped, because the global norm is non-finite).
             "raise": FloatingPointError before any group changes (this policy reads a flag on the host
             every step).
-            "none": no check (fastest; a non-finite gradient then corrupts the state).
+            "none": no check (fastest; a non-finite gradient then corrupts the state). With
+            ``max_grad_norm`` the global norm is computed anyway and is a check at no cost: a
+            non-finite norm skips the whole step under every policy, counted in ``skipped_steps``.
         foreach: True/None for the multi-tensor path, False for the single-tensor reference path.
         fused: None (default) uses the fused backend where it supports the tensors, else foreach;
             True requires it; False never uses it.
