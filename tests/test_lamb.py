@@ -206,6 +206,31 @@ def test_float32_steps_are_as_accurate_as_torch_adamw(path, nesterov, monkeypatc
         assert rel_error(run(torch.float32, lambda ps: ours(ps, **path)), run(F64, adamw)) < 2 * torch_error
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_float32_layer_norms_are_accurate_on_large_layers(path):
+    """||x|| and ||u|| of a 4M-element float32 layer agree with float64 to 1e-6 on every path
+    (the torch paths sum squares in float64, the kernel sums float squares per block in double)."""
+    x, g = torch.randn(1 << 22) + 3.0, torch.randn(1 << 22)
+    p = x.clone().requires_grad_()
+    p.grad = g.clone()
+    opt = Lamb([p], lr=0.01, **path)
+    opt.step()
+    stats = opt.telemetry.read()[p]
+    u = g.double() / (g.double().abs() + 1e-6)  # the first step's direction: m_hat / (sqrt(v_hat) + eps)
+    assert stats["weight_norm"] == pytest.approx(x.double().norm().item(), rel=1e-6)
+    assert stats["update_norm"] == pytest.approx(u.norm().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])
+def test_norms_of_tiny_float32_layers_do_not_underflow(path):
+    """Squares of 1e-24 underflow in float32; the reference and multi-tensor paths sum them in
+    float64, so the ratio stays ||x|| / ||u|| instead of the zero-norm ratio of 1."""
+    p = torch.full((4,), 1e-24, requires_grad=True)
+    p.grad = torch.ones(4)
+    Lamb([p], lr=0.01, **path).step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.99e-24), rtol=1e-5, atol=0)
+
+
 # Options whose combinations matter for the multi-tensor path (table-driven).
 OPTION_TABLE = [
     dict(),
