@@ -58,7 +58,7 @@ batch_sizes = [32]
 name = "lamb"
 label = "lamb-invalid"
 lr = 0.01
-options = { no_such_option = 1 }
+options = { betas = [1.5, 0.999] }  # a value the optimizer refuses when the run builds it
 batch_sizes = [32]
 """
 
@@ -117,6 +117,71 @@ def test_spec_expansion_and_validation(tmp_path):
     assert run_key({"a": 1, "b": [1, 2]}) == run_key({"b": [1, 2], "a": 1})
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(batch_sizes=[32.7]), r"batch_sizes must be a list of integers >= 1, got \[32.7\]"),
+        (dict(batch_sizes=32), r"batch_sizes must be a list of integers >= 1, got 32"),
+        (dict(seeds=[]), r"seeds must not be empty"),
+        (dict(optimizers=[]), r"optimizers must be a non-empty list"),
+        (dict(epochs="two"), r"epochs must be a finite number > 0, got 'two'"),
+        (dict(evals=-3), r"evals must be an integer >= 0, got -3"),
+        (dict(target={"drop": "x"}), r"target drop must be a number in \[0, 1\)"),
+        (dict(task="imagenet"), r"unknown task 'imagenet'"),
+        (dict(task_options={"train_subst": 8}), r"unknown option\(s\) train_subst for task 'mnist-lenet'"),
+        (dict(train={"lr_rule": "cubic"}), r"lamb at batch 32 \(untuned\): unknown rule 'cubic'"),
+        (dict(optimizers=[{"name": "lambb", "lr": 0.01}]), r"Unknown optimizer 'lambb'"),
+        (dict(optimizers=[{"name": "lamb", "lr": True}]), r"lr of \[\[optimizers\]\] 'lamb' must be a finite number > 0, got True"),
+        (dict(optimizers=[{"name": "lamb", "lr": 0.01, "options": {"betaz": 1}}]), r"Unknown option\(s\) betaz for optimizer 'lamb'"),
+        (dict(optimizers=[{"name": "lamb", "lr": 0.01, "grid_batch_sizes": [64]}]), r"share no batch size with batch_sizes"),
+        (dict(noise={"labels": ["lmab"]}), r"\[noise\] labels \['lmab'\] are not optimizer labels"),
+    ],
+)
+def test_bad_sweep_configs_are_refused_before_anything_runs(change, message):
+    base = {"name": "s", "task": "mnist-lenet", "batch_sizes": [32], "optimizers": [{"name": "lamb", "lr": 0.01}]}
+    with pytest.raises(ValueError, match=message):
+        SweepSpec.from_dict({**base, **change}).expand()
+
+
+def test_a_changed_grid_reports_only_its_current_runs(tmp_path):
+    """Runs the TOML no longer asks for leave the sweep (they stay in the database for reuse)."""
+    from largebatch.study.store import ResultStore
+
+    base = {"name": "s", "task": "mnist-lenet", "batch_sizes": [32], "optimizers": [{"name": "sgd", "lrs": [0.01, 0.02]}]}
+    db = tmp_path / "s.sqlite"
+    with ResultStore(db) as store:
+        for lrs in ([0.01, 0.02], [0.01, 0.03]):
+            spec = SweepSpec.from_dict({**base, "optimizers": [{"name": "sgd", "lrs": lrs}]})
+            planned = spec.expand()
+            for r in planned:
+                store.register("s", r.key, r.label, r.tags, r.spec)
+            store.prune_members("s", {(r.key, r.label) for r in planned})
+        assert sorted(r.base_lr for r in store.runs("s")) == [0.01, 0.03]
+        assert store.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 3
+
+
+def test_tuned_cells_name_ties_and_unfinished_grid_points(tmp_path):
+    from largebatch.study.report import _cell_text, load_study
+
+    spec = SweepSpec.from_dict({"name": "s", "task": "mnist-lenet", "batch_sizes": [32],
+                                "optimizers": [{"name": "sgd", "lrs": [0.01, 0.02, 0.03, 0.04]}]})  # fmt: skip
+    db = tmp_path / "s.sqlite"
+    with ResultStore(db) as store:
+        store.save_sweep("s", spec.raw)
+        planned = spec.expand()
+        for r in planned:
+            store.register("s", r.key, r.label, r.tags, r.spec)
+        for r, acc in zip(planned[:3], (0.9, 0.9, 0.5)):  # the fourth never ran
+            store.mark_running(r.key, "/tmp/x")
+            store.record(r.key, {"status": "finished", "final": {"accuracy": acc}, "metric": "accuracy",
+                                 "lr": r.spec["config"]["base_lr"]})  # fmt: skip
+    study = load_study(db, "s")
+    best = study.cell("sgd", 32, "tuned")
+    assert best.run.lr == 0.01  # a tie goes to the smallest LR
+    text = _cell_text(study, best, "tuned")
+    assert "tied with lr 0.02" in text and "best of the 3 of 4 grid points that finished" in text
+
+
 def test_sweep_records_runs(tiny):
     _, db, _ = tiny
     runs = {(r.label, r.batch_size, r.spec["config"]["base_lr"]): r for r in _runs(db)}
@@ -143,7 +208,7 @@ def test_sweep_records_runs(tiny):
     assert all("noise_b_simple" not in h for h in runs[("lamb", 32, 0.001)].history)
 
     failed = runs[("lamb-invalid", 32, 0.01)]
-    assert failed.status == "failed" and "no_such_option" in failed.error and "Traceback" in failed.error
+    assert failed.status == "failed" and "Invalid beta parameter at index 0: 1.5" in failed.error and "Traceback" in failed.error
     diverged = runs[("momentum-lr1e4", 32, 1e4)]
     assert diverged.status == "diverged"
     with sqlite3.connect(db) as conn:
@@ -170,7 +235,7 @@ def test_report_structure_and_plots(tiny, tmp_path):
     assert text.count(header) == 2  # untuned and tuned tables
     for needle in ("**Untuned**", "**Tuned**", "hardware:", "torch " + torch.__version__, "commands:", "largebatch sweep",
                    "Gradient noise scale", "B_simple", "scaling efficiency", "| lamb-invalid | failed", "diverged",
-                   "no_such_option"):  # fmt: skip
+                   "Invalid beta parameter"):  # fmt: skip
         assert needle in text, needle
     for png in ("accuracy_vs_batch", "loss_curves", "lr_sensitivity", "trust_ratios", "noise_scale"):
         assert (out / f"{png}.png").stat().st_size > 1000, png
@@ -266,7 +331,7 @@ def test_store_roundtrip(tmp_path):
     with ResultStore(tmp_path / "s.sqlite") as store:
         spec = {"config": {"task": "t", "optimizer": "lamb", "batch_size": 8, "seed": 1}}
         store.register("a", "k1", "lamb", ["grid"], spec)
-        store.register("a", "k1", "lamb", ["untuned"], spec)  # tags merge
+        store.register("a", "k1", "lamb", ["grid", "untuned"], spec)  # the current tags replace the old ones
         store.register("b", "k1", "LAMB", ["grid"], spec)  # one run in two sweeps
         store.mark_running("k1", "/tmp/x")
         store.record("k1", {"status": "finished", "final": {"accuracy": 0.5, "loss": math.nan}, "history": [{"step": 1}],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:  # a bad config (TOMLDecodeError is a ValueError): one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from largebatch.study.grids import GRIDS
@@ -36,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"largebatch sweep: --workers must be >= 1, got {args.workers}")
         return 2
     spec = SweepSpec.from_toml(args.config)
+    unknown = sorted(set(args.only) - {o.label for o in spec.optimizers})
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)}: not optimizer labels of {spec.name!r}; they are: "
+                         f"{', '.join(o.label for o in spec.optimizers)}")  # fmt: skip
+    spec.expand()  # every run's configuration is checked before anything is written or run
     db = Path(args.db or f"runs/{spec.name}.sqlite")
     if args.dry_run:
         planned = [r for r in spec.expand() if not args.only or r.label in args.only]

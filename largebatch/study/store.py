@@ -255,13 +255,23 @@ class ResultStore:
                 (key, cfg["task"], cfg["optimizer"], cfg["batch_size"], cfg["seed"], cfg.get("base_lr"), cfg.get("lr"),
                  cfg.get("weight_decay"), cfg.get("warmup_epochs"), cfg.get("epochs"), canonical_json(spec)),
             )  # fmt: skip
-            row = self.conn.execute("SELECT tags FROM members WHERE sweep=? AND key=? AND label=?", (sweep, key, label)).fetchone()
-            merged = sorted(set(json.loads(row["tags"]) if row else []) | set(tags))
             self.conn.execute(
                 "INSERT INTO members(sweep, key, label, tags) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(sweep, key, label) DO UPDATE SET tags=excluded.tags",
-                (sweep, key, label, json.dumps(merged)),
+                (sweep, key, label, json.dumps(sorted(set(tags)))),
             )
+
+    def prune_members(self, sweep: str, keep: set[tuple[str, str]], labels: set[str] | None = None) -> int:
+        """Drop the memberships of ``sweep`` that its current grid no longer asks for (of every
+        label, or only of ``labels``), so that a report shows the current grid only. The runs
+        themselves stay in the database (another sweep, or the grid changed back, reuses them).
+        Returns the number of memberships dropped."""
+        with self._tx():
+            rows = self.conn.execute("SELECT key, label FROM members WHERE sweep=?", (sweep,)).fetchall()
+            gone = [(r["key"], r["label"]) for r in rows
+                    if (r["key"], r["label"]) not in keep and (labels is None or r["label"] in labels)]  # fmt: skip
+            self.conn.executemany("DELETE FROM members WHERE sweep=? AND key=? AND label=?", [(sweep, k, lb) for k, lb in gone])
+        return len(gone)
 
     # -- run lifecycle
 
@@ -302,6 +312,8 @@ class ResultStore:
         return int(cur.lastrowid)
 
     def end_invocation(self, invocation: int, runs_executed: int) -> None:
+        """Record an invocation's runs and time so far (called after every run, and at its end,
+        so that an invocation that is killed still counts what it did)."""
         now = time.time()
         with self._tx():
             self.conn.execute(

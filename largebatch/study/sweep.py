@@ -52,6 +52,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -77,6 +78,30 @@ _TOP_KEYS = {"name", "description", "notes", "task", "task_options", "epochs", "
 _OPT_KEYS = {"name", "label", "lr", "lrs", "grid", "weight_decay", "weight_decays", "warmup_epochs", "options", "train",
              "batch_sizes", "grid_batch_sizes"}  # fmt: skip
 _NOISE_KEYS = {"labels", "batch_sizes", "b_small", "b_big", "batches", "untuned_only"}
+
+
+def _ints(name: str, value: Any, minimum: int, empty: bool = False) -> tuple[int, ...]:
+    """A list of integers >= ``minimum`` (a TOML float such as 32.5 or a bool is refused, not cast)."""
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
+    if not ok:
+        raise ValueError(f"{name} must be a list of integers >= {minimum}, got {value!r}")
+    if not value and not empty:
+        raise ValueError(f"{name} must not be empty")
+    return tuple(value)
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any, minimum: float = 0.0, positive: bool = False) -> float:
+    """A finite number >= ``minimum`` (> 0 with ``positive``); strings and bools are refused."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if bad or value < minimum or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else f'>= {minimum:g}'}, got {value!r}")
+    return float(value)
 
 
 def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -112,19 +137,26 @@ class OptimizerSpec:
         grid = d.get("grid", "scaled")
         if grid not in ("scaled", "peak"):
             raise ValueError(f"unknown grid mode {grid!r} for {d['name']!r}; allowed: 'scaled', 'peak'")
+        where = f"[[optimizers]] {d['name']!r}"
+        for table in ("options", "train"):
+            if not isinstance(d.get(table, {}), dict):
+                raise ValueError(f"{table} of {where} must be a table, got {d[table]!r}")
+        lrs = resolve_grid(d["lrs"], "lrs") if "lrs" in d else ()
+        if any(v <= 0 for v in lrs):
+            raise ValueError(f"lrs of {where} must be > 0, got {d['lrs']!r}")
         return cls(
             name=d["name"],
-            label=d.get("label", d["name"]),
-            lr=None if d.get("lr") is None else float(d["lr"]),
-            lrs=resolve_grid(d["lrs"], "lrs") if "lrs" in d else (),
+            label=str(d.get("label", d["name"])),
+            lr=None if d.get("lr") is None else _number(f"lr of {where}", d["lr"], positive=True),
+            lrs=lrs,
             grid=grid,
-            weight_decay=None if d.get("weight_decay") is None else float(d["weight_decay"]),
+            weight_decay=None if d.get("weight_decay") is None else _number(f"weight_decay of {where}", d["weight_decay"]),
             weight_decays=resolve_grid(d["weight_decays"], "weight_decays") if "weight_decays" in d else (),
             warmup_epochs=resolve_grid(d["warmup_epochs"], "warmup_epochs") if "warmup_epochs" in d else (),
             options=dict(d.get("options", {})),
             train=dict(d.get("train", {})),
-            batch_sizes=tuple(int(b) for b in d.get("batch_sizes", ())),
-            grid_batch_sizes=tuple(int(b) for b in d.get("grid_batch_sizes", ())),
+            batch_sizes=_ints(f"batch_sizes of {where}", d.get("batch_sizes", []), 1, empty=True),
+            grid_batch_sizes=_ints(f"grid_batch_sizes of {where}", d.get("grid_batch_sizes", []), 1, empty=True),
         )
 
 
@@ -191,12 +223,18 @@ class SweepSpec:
         for k in ("name", "task", "batch_sizes", "optimizers"):
             if k not in d:
                 raise ValueError(f"the sweep config needs {k!r}")
-        batch_sizes = tuple(int(b) for b in d["batch_sizes"])
-        if not batch_sizes or any(b <= 0 for b in batch_sizes):
-            raise ValueError(f"batch_sizes must be positive integers, got {d['batch_sizes']!r}")
+        batch_sizes = _ints("batch_sizes", d["batch_sizes"], 1)
+        if not isinstance(d["optimizers"], list) or not d["optimizers"] or not all(isinstance(o, dict) for o in d["optimizers"]):
+            raise ValueError(f"optimizers must be a non-empty list of [[optimizers]] tables, got {d['optimizers']!r}")
+        for table in ("train", "task_options"):
+            if not isinstance(d.get(table, {}), dict):
+                raise ValueError(f"{table} must be a table, got {d[table]!r}")
         target = dict(d.get("target", {"drop": 0.005}))
         if set(target) - {"drop", "relative"} or len(target) != 1:
             raise ValueError(f"target must be {{ drop = X }} or {{ relative = X }}, got {target!r}")
+        for k, v in target.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"target {k} must be a number in [0, 1) (a drop in metric units or a fraction), got {v!r}")
         from largebatch.train.loop import TrainConfig
 
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -209,20 +247,30 @@ class SweepSpec:
         labels = [o.label for o in optimizers]
         if len(set(labels)) != len(labels):
             raise ValueError(f"optimizer labels must be unique, got {labels}; set label = '...' to tell them apart")
+        for o in optimizers:
+            for field_name in ("batch_sizes", "grid_batch_sizes"):
+                values = getattr(o, field_name)
+                if values and not set(values) & set(batch_sizes):
+                    raise ValueError(f"{field_name} {list(values)} of {o.label!r} share no batch size with batch_sizes "
+                                     f"{list(batch_sizes)}: those runs would never be planned")  # fmt: skip
+        noise = NoiseSpec.from_dict(d["noise"]) if "noise" in d else None
+        unknown = sorted(set(noise.labels) - set(labels)) if noise else []
+        if unknown:
+            raise ValueError(f"[noise] labels {unknown} are not optimizer labels of this sweep: {labels}")
         return cls(
             name=str(d["name"]),
             task=str(d["task"]),
             batch_sizes=batch_sizes,
             optimizers=optimizers,
-            base_batch=int(d.get("base_batch", min(batch_sizes))),
-            epochs=float(d.get("epochs", 1.0)),
+            base_batch=_int("base_batch", d.get("base_batch", min(batch_sizes)), 1),
+            epochs=_number("epochs", d.get("epochs", 1.0), positive=True),
             task_options=dict(d.get("task_options", {})),
-            seeds=tuple(int(s) for s in d.get("seeds", (0,))),
-            evals=int(d.get("evals", 4)),
-            log_points=int(d.get("log_points", 40)),
+            seeds=_ints("seeds", d.get("seeds", [0]), 0),
+            evals=_int("evals", d.get("evals", 4), 0),
+            log_points=_int("log_points", d.get("log_points", 40), 1),
             target=target,
             train=dict(d.get("train", {})),
-            noise=NoiseSpec.from_dict(d["noise"]) if "noise" in d else None,
+            noise=noise,
             description=str(d.get("description", "")),
             notes=str(d.get("notes", "")),
             raw=d,
@@ -242,6 +290,10 @@ class SweepSpec:
         """Every run of the sweep, in a stable order (batch size, seed, optimizer, grid point)."""
         from largebatch.train.loop import TrainConfig
 
+        from largebatch.train.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
         runs: dict[tuple[str, str], PlannedRun] = {}
         defaults = TrainConfig()
         for batch in self.batch_sizes:
@@ -266,7 +318,12 @@ class SweepSpec:
                         cfg = {**train, "task": self.task, "task_options": dict(self.task_options),
                                "optimizer": opt.name, "optimizer_options": dict(opt.options), "batch_size": batch,
                                "base_batch": self.base_batch, "epochs": self.epochs, "seed": seed, **point}  # fmt: skip
-                        config = {k: v for k, v in TrainConfig.from_dict(cfg).to_dict().items() if k not in EXECUTION_FIELDS}
+                        try:  # every run's configuration is checked before anything runs
+                            full = TrainConfig.from_dict(cfg)
+                            full.validate()
+                        except (TypeError, ValueError) as err:
+                            raise ValueError(f"{opt.label} at batch {batch} ({tag}): {err}") from None
+                        config = {k: v for k, v in full.to_dict().items() if k not in EXECUTION_FIELDS}
                         semantic = {k: v for k, v in config.items() if k in CORE_FIELDS or v != getattr(defaults, k)
                                     and not (isinstance(v, list) and tuple(v) == getattr(defaults, k))}  # fmt: skip
                         if tag == "untuned":
@@ -394,6 +451,21 @@ def run_dir(runs_dir: str | os.PathLike, run: PlannedRun) -> str:
     return str(Path(runs_dir) / f"{cfg['optimizer']}-b{cfg['batch_size']}-{run.key}")
 
 
+def _die_with_parent() -> None:
+    """Worker initialiser: on Linux the worker gets SIGTERM when the sweep process dies (even by
+    SIGKILL), instead of training on into results nobody records."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:  # pragma: no cover - no libc of that name
+            return
+        if os.getppid() == 1:  # the parent died before the request: stop now
+            os._exit(1)
+
+
 def run_sweep(
     spec: SweepSpec,
     db: str | os.PathLike,
@@ -424,6 +496,7 @@ def run_sweep(
     store.save_sweep(spec.name, spec.raw or {"name": spec.name})
     for r in planned:
         store.register(spec.name, r.key, r.label, r.tags, r.spec)
+    store.prune_members(spec.name, {(r.key, r.label) for r in planned}, set(only) if only else None)
     skip_status = set(DONE) - ({"failed"} if retry_failed else set())
     todo: dict[str, PlannedRun] = {}
     for r in planned:
@@ -441,6 +514,7 @@ def run_sweep(
         nonlocal executed
         store.record(key, outcome)
         executed += 1
+        store.end_invocation(invocation, executed)  # progress so far, kept if this process is killed
         if bar:
             final = outcome.get("final") or {}
             metric = final.get(outcome.get("metric") or "accuracy")
@@ -456,7 +530,7 @@ def run_sweep(
                 done(key, execute_run(r.spec, out, progress=progress and bar is not None, threads=threads))
         else:
             per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_die_with_parent) as pool:
                 pending = {}
                 for key, r in todo.items():
                     out = run_dir(runs_dir, r)

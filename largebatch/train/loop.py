@@ -112,6 +112,29 @@ class TrainConfig:
             raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm!r}; it must be None (no clipping) or a finite number > 0")
         if not _positive_finite(self.base_lr):
             raise ValueError(f"Invalid base_lr: {self.base_lr!r}; it must be a finite number > 0")
+        if not (isinstance(self.weight_decay, (int, float)) and not isinstance(self.weight_decay, bool)
+                and math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # fmt: skip
+            raise ValueError(f"Invalid weight_decay: {self.weight_decay!r}; it must be a finite number >= 0")
+        self.recipe()  # rule, warmup, decay: checked by the recipe itself, before any data is loaded
+        from largebatch.train.tasks import _BUILTIN, task_options
+
+        unknown = sorted(set(self.task_options) - set(task_options(self.task))) if self.task in _BUILTIN else []
+        if unknown:  # a task built here (not passed to fit) is checked when it is built
+            raise ValueError(f"unknown option(s) {', '.join(unknown)} for task {self.task!r}; valid options: {', '.join(task_options(self.task))}")
+
+    def recipe(self) -> Recipe:
+        """The LR recipe of this run: peak lr, warmup and decay for any batch size."""
+        return Recipe(
+            base_lr=self.lr if self.lr is not None else self.base_lr,
+            base_batch=self.base_batch or self.batch_size,
+            rule="none" if self.lr is not None else self.lr_rule,  # a given lr is used as it is
+            warmup_epochs=self.warmup_epochs,
+            warmup_rule=self.warmup_rule,
+            decay=self.decay,
+            power=self.power,
+            decay_epochs=tuple(self.decay_epochs),
+            decay_factor=self.decay_factor,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -221,18 +244,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
             return TrainResult(**saved)
 
     # -- the recipe: peak LR, warmup and total steps for the same number of epochs
-    base_batch = config.base_batch or config.batch_size
-    recipe = Recipe(
-        base_lr=config.lr if config.lr is not None else config.base_lr,
-        base_batch=base_batch,
-        rule="none" if config.lr is not None else config.lr_rule,  # a given lr is used as it is
-        warmup_epochs=config.warmup_epochs,
-        warmup_rule=config.warmup_rule,
-        decay=config.decay,
-        power=config.power,
-        decay_epochs=tuple(config.decay_epochs),
-        decay_factor=config.decay_factor,
-    )
+    recipe = config.recipe()
     plan = recipe.resolve(batch_size=config.batch_size, dataset_size=n_train, epochs=config.epochs)
     peak_lr = plan.lr
     total_steps = plan.total_steps
