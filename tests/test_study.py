@@ -180,6 +180,13 @@ def test_tuned_cells_name_ties_and_unfinished_grid_points(tmp_path):
     assert best.run.lr == 0.01  # a tie goes to the smallest LR
     text = _cell_text(study, best, "tuned")
     assert "tied with lr 0.02" in text and "best of the 3 of 4 grid points that finished" in text
+    # a report reads the database without writing to it (no side files either)
+    before = db.read_bytes()
+    report = write_report(tmp_path / "report", db, command="largebatch report s.sqlite --out report").read_text()
+    assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report", "s.sqlite"]
+    assert "selected on the same eval split it reports" in report
+    assert "(1 grid point(s) at B=32 never started (pending) and are not in this table.)" in report
+    assert "_Figure written by `largebatch report s.sqlite --out report`._" in report
 
 
 def test_sweep_records_runs(tiny):

@@ -119,7 +119,7 @@ class Study:
 
 
 def load_study(db: str | Path, sweep: str) -> Study:
-    with ResultStore(db) as store:
+    with ResultStore(db, readonly=True) as store:
         config = store.sweep_config(sweep)
         if config is None:
             raise ValueError(f"no sweep {sweep!r} in {db}; it holds: {', '.join(store.sweeps()) or 'none'}")
@@ -775,7 +775,7 @@ def write_report(
     if db is not None:
         if not Path(db).exists():
             raise FileNotFoundError(f"no sweep database at {db}")
-        with ResultStore(db) as store:
+        with ResultStore(db, readonly=True) as store:
             names = sweeps or store.sweeps()
         if not names:
             raise ValueError(f"{db} holds no sweeps")

@@ -207,8 +207,19 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
 class ResultStore:
     """A study's SQLite database. Safe to open from several processes (WAL, busy timeout)."""
 
-    def __init__(self, path: str | os.PathLike, timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike, timeout: float = 60.0, readonly: bool = False):
+        """``readonly=True`` (reports) opens an existing database without writing to it at all."""
         self.path = Path(path)
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no sweep database at {self.path}")
+            # No -wal file: no writer is active and nothing is left to checkpoint, so the file is
+            # read as immutable (SQLite then creates no -wal/-shm side files beside it either).
+            live = self.path.with_name(self.path.name + "-wal").exists()
+            uri = f"{self.path.resolve().as_uri()}?mode=ro" + ("" if live else "&immutable=1")
+            self.conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
