@@ -151,6 +151,14 @@ def test_lamb_skips_nonfinite_gradients_and_reports_them(tmp_path, mnist):
         assert torch.equal(a, b)
 
 
+def test_model_randomness_is_seeded_per_step_and_rank():
+    from largebatch.train.loop import model_seed, step_generator
+
+    seeds = {model_seed(0, step, rank) for step in range(50) for rank in range(8)}
+    assert len(seeds) == 400 and model_seed(3, 7, 1) == model_seed(3, 7, 1)
+    assert not seeds & {step_generator(0, step).initial_seed() for step in range(50)}
+
+
 def test_logged_lr_is_the_lr_each_update_used(mnist):
     cfg = TrainConfig(task="mnist-lenet", optimizer="sgd", batch_size=128, epochs=1, lr=0.1, warmup_epochs=0.5,
                       progress=False, log_every=1)  # fmt: skip  # 4 steps: warmup 2, decay 2

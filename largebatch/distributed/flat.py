@@ -107,9 +107,9 @@ def flat_squared_sums(local_flat: Tensor, layout: FlatLayout | Sequence[int], sh
     pieces = [local_flat[lo:hi] for lo, hi in layout.local_segments(shard_start, local_flat.numel())]
     if not pieces:
         return local_flat.new_zeros(0)
-    norms = torch._foreach_norm(pieces)
     dt = torch.float32 if local_flat.dtype in (torch.float16, torch.bfloat16) else local_flat.dtype
-    return torch.stack(norms).to(dt).square()
+    norms = torch._foreach_norm(pieces, 2, dtype=dt)  # a 16-bit norm would keep only 8-11 bits
+    return torch.stack(norms).square()
 
 
 def flat_layer_norms(

@@ -381,15 +381,15 @@ def _cpu_two_stage(args, lib, n, dt, reduce, ratio_fn, ratio_out):
     args.stage = 1
     _run_cpu(lib, args)
 
-    def pass2(total: Tensor):
-        w_norm, d_norm = total.sqrt().chunk(2)
+    def pass2(total: Tensor):  # the norms in dt, as the kernel's unsharded step has them
+        w_norm, d_norm = total.sqrt().to(dt).chunk(2)
         ratio_out.copy_(ratio_fn(w_norm, d_norm).to(dt))
         args.stage = 2
         args.ratio = ratio_out.data_ptr()
         _run_cpu(lib, args)
         return w_norm, d_norm, ratio_out
 
-    return Pending(reduce, sq.to(dt), pass2)
+    return Pending(reduce, sq, pass2)  # the sums cross ranks in float64
 
 
 def _clip_fields(trust_clip) -> dict:

@@ -197,6 +197,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def model_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNG seed of one step on one rank (dropout masks): a pure function, not the
+    stream of ``step_generator``."""
+    return (((seed * 1_000_003 + step) * 4099 + rank) % (1 << 62)) | (1 << 62)  # bit 62: never a step_generator seed
+
+
 def plan_micro_batches(per_rank: int, micro_batch_size: int | None, max_micro_batch: int) -> tuple[int, int]:
     """(micro-batch size, accumulation steps) for one rank's share of the effective batch."""
     micro = micro_batch_size or min(per_rank, max_micro_batch)
@@ -344,6 +350,9 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         def accumulate(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Forward/backward over this rank's micro-batches; grads hold d(sum loss / W)."""
             micro_idx = share.split(micro)
+            # the model's own randomness (dropout) per step and rank: ranks differ, a resumed run
+            # or a retried step draws the same masks
+            torch.manual_seed(model_seed(config.seed, step, dist.rank))
             gen = step_generator(config.seed, step)
             batches = [task.get_batch("train", mi, gen) for mi in micro_idx]
             # in float64: 1 / total_weight rounded to float32 would make an fp64 run inexact

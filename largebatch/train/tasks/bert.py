@@ -57,7 +57,7 @@ from transformers import BertConfig, BertForMaskedLM
 from ..checkpoint import atomic_write_bytes
 from ..data import cache_dir, default_data_dir, load_text_corpus
 from ..task import Batch, Task, example_generators
-from .common import check_split, subset_size
+from .common import _at_least_float32, check_split, subset_size
 
 HELD_OUT_WORKS = ("hamlet", "macbeth", "sonnets", "twelfth_night")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -412,6 +412,6 @@ class BertMlmTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(input_ids=batch.tensors["input_ids"], masked_index=batch.tensors["masked_index"])
         target = batch.tensors["masked_labels"]
-        loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+        loss_sum = F.cross_entropy(_at_least_float32(logits), target, reduction="sum")
         correct = (logits.argmax(dim=-1) == target).sum().to(loss_sum.dtype)
         return loss_sum, {"accuracy": correct}

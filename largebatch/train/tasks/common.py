@@ -28,11 +28,16 @@ def check_split(split: str, task_name: str) -> str:
     return split
 
 
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """16-bit logits in float32 for the loss; float32 and float64 ones as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def classification_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed cross-entropy of ``model(x)`` against ``y`` and the number of correct top-1
     predictions (a float tensor, summed like the loss)."""
     logits = model(batch.tensors["x"])
     target = batch.tensors["y"]
-    loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+    loss_sum = F.cross_entropy(_at_least_float32(logits), target, reduction="sum")
     correct = (logits.argmax(dim=1) == target).sum().to(loss_sum.dtype)
     return loss_sum, {"accuracy": correct}
