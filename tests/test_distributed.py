@@ -413,6 +413,18 @@ def test_flat_squared_sums_of_slices_add_up_to_the_norms():
     torch.testing.assert_close(flat_layer_norms(flat, [0, 6, 9, 10], 0), expect, rtol=0, atol=EXACT)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flat_norms_of_16bit_buffers_are_float32_norms(dtype):
+    """The norm of a 16-bit slice is computed in float32, not rounded to 8 or 11 bits."""
+    torch.manual_seed(0)
+    flat = torch.randn(3000).to(dtype)
+    layout = FlatLayout.from_boundaries([0, 1000, 3000])
+    sq = flat_squared_sums(flat, layout, 0)
+    assert sq.dtype == torch.float32
+    expect = torch.stack([flat[:1000].float().square().sum(), flat[1000:].float().square().sum()])
+    torch.testing.assert_close(sq, expect, rtol=1e-5, atol=0)
+
+
 def test_flat_shard_pieces_write_through_and_take_gradients():
     layout = FlatLayout.from_shapes([("w", (2, 2)), ("b", (2,))])
     local = torch.arange(3, dtype=torch.float64)  # elements 3..5 of the flat buffer
