@@ -272,6 +272,28 @@ def test_16bit_params_with_master_weights(gdtype):
     assert _fused.cpu_kernel_info("lamb", F32, gdtype).get("error") is None
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
+@pytest.mark.parametrize("value", [1e-24, 3e20], ids=["tiny", "huge"])
+@pytest.mark.parametrize("cls,kw", [(Lamb, dict(weight_decay=0.01)), (Lars, dict(weight_decay=0.01)),
+                                    (Lars, dict(mode="classic", weight_decay=0.01, nesterov=True))])  # fmt: skip
+def test_float32_norms_of_tiny_and_huge_tensors(cls, kw, value, sharded):
+    """Float32 squares underflow below ~1e-19 and overflow above ~1e19: the kernel takes such a
+    tensor's sums again in double (whole tensors and tensors split over threads, with and without
+    a reducer), so it steps as the reference, which sums in float64."""
+    xs = [torch.full((4,), value), torch.full((200_000,), value) * torch.linspace(0.5, 1.5, 200_000)]
+    grads = [torch.full((4,), value / 3), torch.full((200_000,), value / 3)]
+    reduce = (lambda sq: sq) if sharded else None  # one shard: the identity stands for the all-reduce
+    outs = []
+    for path in (dict(fused=True), dict(foreach=False)):
+        ps = clone_params(xs)
+        set_grads([ps], grads)
+        cls(ps, lr=0.01, norm_reducer=reduce, **kw, **path).step()
+        outs.append(ps)
+    for fast, ref in zip(*outs):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=0)
+        assert torch.isfinite(fast).all() and not torch.equal(fast, torch.zeros_like(fast))
+
+
 @needs_kernel
 @pytest.mark.parametrize("cls,kw", [(Lamb, dict(nesterov="first")), (Lars, dict()), (Lars, dict(mode="classic"))])
 def test_norm_reducer_is_called_once_per_step_with_all_sums(cls, kw):

@@ -21,9 +21,10 @@
 // The element formulas follow the multi-tensor reference (largebatch/optim/lamb.py, lars.py)
 // operation by operation, except that divisions by a per-tensor bias correction are multiplications
 // by its reciprocal (each per-tensor coefficient is computed in double and rounded once). Squared
-// sums are accumulated per block in the element type, then in double (squares in double would cost
-// 7% of the step; the torch paths square in float64, which differs only for float tensors whose
-// elements are all below ~1e-19 or reach ~1e19 in magnitude).
+// sums are accumulated per block in the element type, then in double. Float squares underflow
+// below ~1e-19 and overflow above ~1e19, so a float tensor whose sum falls outside [1e-30, 1e30]
+// has its sums taken again in double (recomputed from the state pass 1 left, as pass 2 does); the
+// torch paths square in float64 throughout. (Squaring every element in double costs 7% of a step.)
 //
 // Build: c++ -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off -shared -fPIC with the -D flags
 // at the end of this file (see largebatch/optim/_fused.py).
@@ -113,6 +114,14 @@ template <typename T>
 struct Sums {
   double w = 0.0, d = 0.0;
 };
+
+// Float sums that may have lost their small squares to underflow, or overflowed: take them again in double.
+template <typename T>
+bool retake_in_double(const Sums<T>& s) {
+  if (sizeof(T) >= sizeof(double)) return false;
+  auto off = [](double v) { return !(v >= 1e-30 && v <= 1e30); };  // 0 too: every square may have underflowed
+  return off(s.w) || off(s.d);
+}
 
 // The per-tensor ratio, as largebatch.optim._common.trust_ratio computes it (in T).
 template <typename T>
@@ -208,6 +217,21 @@ struct Lamb {
     }
   }
 
+  // The sums of pass 1 again, in double, from the moments pass 1 wrote (u as pass 2 recomputes it).
+  void sums_double(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+    const T* x = static_cast<const T*>(a.x[i]);
+    const T* m = static_cast<const T*>(a.s1[i]);
+    const T* v = static_cast<const T*>(a.s2[i]);
+    const LambCoef<T> k = coef[i];
+    for (int64_t j = lo; j < hi; ++j) {
+      const T gj = NEST >= 1 ? GradLoad<T, G>::at(a.g[i], j) * gs : T(0);
+      const T xj = x[j] * sh;
+      const double u = double(direction(m[j], v[j], gj, xj, k, eps, er, wd));
+      s.w += double(xj) * double(xj);
+      s.d += u * u;
+    }
+  }
+
   void pass2(int64_t i, int64_t lo, int64_t hi, T ratio, const T* __restrict keep) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const T scale = T(-a.lr) * ratio;
@@ -274,6 +298,18 @@ struct LarsPaper {
     }
   }
 
+  void sums_double(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+    const T* x = static_cast<const T*>(a.x[i]);
+    const T* b = static_cast<const T*>(a.s1[i]);
+    for (int64_t j = lo; j < hi; ++j) {
+      const T xj = x[j];
+      T nj = b[j];
+      if (NEST) nj = nj * mom + std::fma(xj, wd, GradLoad<T, G>::at(a.g[i], j) * gs) * c;
+      s.w += double(xj) * double(xj);
+      s.d += double(nj) * double(nj);
+    }
+  }
+
   void pass2(int64_t i, int64_t lo, int64_t hi, T ratio, const T*) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const void* g = a.g[i];
@@ -324,6 +360,16 @@ struct LarsClassic {
       }
       s.w += double(sw);
       s.d += double(sg);
+    }
+  }
+
+  void sums_double(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
+    const T* x = static_cast<const T*>(a.x[i]);
+    for (int64_t j = lo; j < hi; ++j) {
+      const T xj = x[j];
+      const T gj = std::fma(xj, nwd, GradLoad<T, G>::at(a.g[i], j) * gs);
+      s.w += double(xj) * double(xj);
+      s.d += double(gj) * double(gj);
     }
   }
 
@@ -386,7 +432,16 @@ void drive(const StepArgs& a, const K& k) {
   std::vector<int64_t> whole, split;
   for (int64_t i = n - 1; i >= 0; --i) (want > 1 && a.numel[i] >= split_min ? split : whole).push_back(i);
   std::vector<Sums<T>> part(static_cast<size_t>(n) * want);  // [tensor][thread]
+  std::vector<Sums<T>> redo(static_cast<size_t>(n) * want);  // the same in double, where retaken
   const int64_t n_whole = static_cast<int64_t>(whole.size());
+  // A whole tensor's sums, taken again in double when the float ones may be off.
+  auto checked = [&](int64_t i, Sums<T>& s) -> Sums<T>& {
+    if (retake_in_double(s)) {
+      s = Sums<T>{};
+      k.sums_double(i, 0, a.numel[i], s);
+    }
+    return s;
+  };
 
   auto finish = [&](int64_t i, const Sums<T>& s) -> T {
     const T w = T(std::sqrt(s.w));
@@ -424,8 +479,9 @@ void drive(const StepArgs& a, const K& k) {
       Sums<T>& mine = part[static_cast<size_t>(i) * want];
       if (a.stage == 1) {
         k.pass1(i, 0, a.numel[i], mine, nullptr);
+        checked(i, mine);
       } else {
-        both_passes(i, 0, a.numel[i], mine, [&] { return finish(i, mine); });
+        both_passes(i, 0, a.numel[i], mine, [&] { return finish(i, checked(i, mine)); });
       }
     }
     for (const int64_t i : split) {
@@ -447,6 +503,16 @@ void drive(const StepArgs& a, const K& k) {
           sum.w += part[static_cast<size_t>(i) * want + t].w;
           sum.d += part[static_cast<size_t>(i) * want + t].d;
         }
+        if (retake_in_double(sum)) {  // every thread sees the same sums, so all take this branch
+          Sums<T>& again = redo[static_cast<size_t>(i) * want + tid];
+          k.sums_double(i, lo, hi, again);
+#pragma omp barrier
+          sum = Sums<T>{};
+          for (int t = 0; t < team; ++t) {
+            sum.w += redo[static_cast<size_t>(i) * want + t].w;
+            sum.d += redo[static_cast<size_t>(i) * want + t].d;
+          }
+        }
         return tid == 0 ? finish(i, sum) : k.ratio(i, T(std::sqrt(sum.w)), T(std::sqrt(sum.d)));
       });
     }
@@ -459,6 +525,7 @@ void drive(const StepArgs& a, const K& k) {
         sum.w += part[static_cast<size_t>(i) * want + t].w;
         sum.d += part[static_cast<size_t>(i) * want + t].d;
       }
+      if (want > 1 && a.numel[i] >= split_min) checked(i, sum);  // whole tensors were checked above
       a.sq[i] = sum.w;
       a.sq[n + i] = sum.d;
     }
