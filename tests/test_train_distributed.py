@@ -28,14 +28,21 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def _run(cmd, **kw):
+    """subprocess.run that shows the command's stderr when it fails."""
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, **kw)
+    assert done.returncode == 0, f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stderr[-4000:]}"
+    return done
+
+
 def _model(out_dir):
     return torch.load(Path(out_dir) / "checkpoint.pt", weights_only=True)
 
 
 def test_two_ranks_equal_one_process(tmp_path):
     """Global batch 64 over 2 ranks x 2 micro-batches == one process with batch 64 (float64)."""
-    subprocess.run(_torchrun() + _args(tmp_path / "ddp"), check=True, env=_env(), capture_output=True, timeout=300)
-    subprocess.run([sys.executable] + _args(tmp_path / "one"), check=True, env=_env(), capture_output=True, timeout=300)
+    _run(_torchrun() + _args(tmp_path / "ddp"))
+    _run([sys.executable] + _args(tmp_path / "one"))
     a, b = _model(tmp_path / "ddp"), _model(tmp_path / "one")
     assert a["step"] == b["step"] == 16
     for k in a["model"]:
