@@ -457,7 +457,11 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
 
 
 def _all_finite(tensors) -> bool:
-    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    """All elements finite; the local shard of a DTensor (called on one rank: no collective)."""
+    from largebatch.optim._common import local_tensor
+
+    floats = [local_tensor(t) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    floats = [t for t in floats if t.numel()]
     return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
 
 
