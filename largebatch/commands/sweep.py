@@ -49,7 +49,6 @@ def _run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--only {' '.join(unknown)}: not optimizer labels of {spec.name!r}; they are: "
                          f"{', '.join(o.label for o in spec.optimizers)}")  # fmt: skip
-    spec.expand()  # every run's configuration is checked before anything is written or run
     db = Path(args.db or f"runs/{spec.name}.sqlite")
     if args.dry_run:
         planned = [r for r in spec.expand() if not args.only or r.label in args.only]

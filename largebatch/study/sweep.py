@@ -61,6 +61,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from largebatch.schedules import _int
 from largebatch.study.grids import resolve_grid
 from largebatch.study.store import DONE, ResultStore, code_version, environment, python_command, run_key
 
@@ -88,12 +89,6 @@ def _ints(name: str, value: Any, minimum: int, empty: bool = False) -> tuple[int
     if not value and not empty:
         raise ValueError(f"{name} must not be empty")
     return tuple(value)
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _number(name: str, value: Any, minimum: float = 0.0, positive: bool = False) -> float:
