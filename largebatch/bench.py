@@ -151,6 +151,8 @@ IMPLS: list[Impl] = [
     Impl("lamb", "adam", _largebatch("Lamb"), "largebatch Lamb, defaults (fused kernel, nonfinite='skip')"),
     Impl("lamb+fastcheck", "adam", _with_fast_check("Lamb"), "largebatch Lamb, defaults, finiteness check by fused_all_finite"),
     Impl("lamb-nocheck", "adam", _largebatch("Lamb", nonfinite="none"), "largebatch Lamb, nonfinite='none'"),
+    Impl("lamb-update-in-grad", "adam", _largebatch("Lamb", update_in_grad=True), "largebatch Lamb, defaults with update_in_grad=True (u kept in the gradient)"),
+    Impl("lamb-nocheck-update-in-grad", "adam", _largebatch("Lamb", nonfinite="none", update_in_grad=True), "largebatch Lamb, nonfinite='none', update_in_grad=True"),
     Impl("lamb-foreach", "adam", _largebatch("Lamb", fused=False), "largebatch Lamb, multi-tensor path"),
     Impl("lamb-reference", "adam", _largebatch("Lamb", foreach=False), "largebatch Lamb, single-tensor reference", slow=True),
     Impl("lars", "sgd", _largebatch("Lars"), "largebatch Lars, defaults (fused kernel, nonfinite='skip')"),

@@ -59,3 +59,4 @@ def assert_compiled_step_matches_eager(cls, kw, steps=4):
         opt_twin.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)  # the update, with update_in_grad

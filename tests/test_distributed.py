@@ -87,7 +87,7 @@ def ddp(tmp_path_factory):
     ["lamb", "lamb_multi_tensor", "lamb_nesterov_no_clip", "lamb_nonfinite_none", "lamb_reference_path", "lars_paper",
      "lars_paper_multi_tensor", "lars_paper_nonfinite_none", "lars_classic", "lars_classic_multi_tensor",
      "lamb_hsdp_mesh", "lamb_decay_first_bounds", "lamb_decay_first_bounds_multi_tensor",
-     "lars_classic_combined_lr_in_momentum"],
+     "lars_classic_combined_lr_in_momentum", "lamb_update_in_grad"],
 )  # fmt: skip
 def test_fsdp2_matches_single_process(fsdp, case):
     r = fsdp[case]
@@ -98,6 +98,7 @@ def test_fsdp2_matches_single_process(fsdp, case):
     assert r["reducer"] == "ShardNormReducer"  # detected from the DTensor parameters
     assert r["param_diff"] <= EXACT
     assert r["state_diff"] <= EXACT
+    assert r["grad_diff"] <= EXACT  # the local shard of u where update_in_grad; else the gradient, unchanged
 
 
 @multiprocess

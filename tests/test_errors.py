@@ -26,6 +26,7 @@ ERRORS = [
     (Lamb, dict(bias_correction="yes"), ValueError, r"Invalid bias_correction: 'yes'; it must be True or False"),
     (Lamb, dict(decay_in_ratio=None), ValueError, r"Invalid decay_in_ratio: None; it must be True or False"),
     (Lamb, dict(eps_root=-1.0), ValueError, r"Invalid eps_root value: -1.0; it must be a finite number >= 0"),
+    (Lamb, dict(update_in_grad="yes"), ValueError, r"Invalid update_in_grad: 'yes'; it must be True or False"),
     (Lamb, dict(grad_averaging=0), ValueError, r"Invalid grad_averaging: 0; it must be True or False"),
     (Lamb, dict(trust_clip="yes"), ValueError, r"Invalid trust_clip: 'yes'; it must be True \(ratio capped at 1\), False, or a pair \(lo, hi\)"),
     (Lamb, dict(trust_clip=(0.5,)), ValueError, r"Invalid trust_clip: \(0.5,\)"),
@@ -103,3 +104,19 @@ def test_parameters_must_be_real_floating_point(cls, dtype, hint):
     p = torch.zeros(2, dtype=dtype)
     with pytest.raises(ValueError, match=rf"Invalid parameter of dtype {dtype}: {cls.__name__} takes real floating-point parameters.*{hint}"):
         cls([p])
+
+
+def test_update_in_grad_refuses_16bit_gradients_of_master_weights_before_anything_changes():
+    """A bfloat16 gradient cannot hold the float32 update: the step raises and changes nothing
+    (the first group, which could take it, is not stepped either)."""
+    ok = torch.zeros(3, requires_grad=True)
+    half = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    ok.grad, half.grad = torch.ones(3), torch.ones(3, dtype=torch.bfloat16)
+    opt = Lamb([{"params": [ok]}, {"params": [half]}], lr=0.1, update_in_grad=True)
+    with pytest.raises(ValueError, match=r"a torch.bfloat16 gradient of a torch.float32 tensor .* use update_in_grad=False"):
+        opt.step()
+    assert torch.equal(ok.detach(), torch.zeros(3)) and torch.equal(ok.grad, torch.ones(3))
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    opt.param_groups[1]["update_in_grad"] = False  # per group: the 16-bit group keeps its gradients
+    opt.step()
+    assert not torch.equal(ok.grad, torch.ones(3)) and torch.equal(half.grad, torch.ones(3, dtype=torch.bfloat16))

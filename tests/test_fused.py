@@ -53,6 +53,8 @@ def groups(ps):  # two groups; the second is excluded from decay and adaptation
 def assert_match(opt_a, pa, opt_b, pb, tol):
     for x, y in zip(pa, pb):
         torch.testing.assert_close(x, y, **tol)
+        # gradients too: unchanged, or the update where update_in_grad (NaN kept where a step was skipped)
+        torch.testing.assert_close(x.grad, y.grad, **tol, equal_nan=True, msg=lambda m: f"grad: {m}")
         sa, sb = opt_a.state[x], opt_b.state[y]
         assert sa.keys() == sb.keys()
         for k in sa:
@@ -96,6 +98,9 @@ LAMB_OPTIONS = [
     dict(grad_averaging=False, nesterov="both"),
     dict(eps_root=1e-8),
     dict(eps=0.0, eps_root=1e-6, bias_correction=False, nesterov="first"),
+    dict(update_in_grad=True),
+    dict(update_in_grad=True, nesterov="both", max_grad_norm=0.5),
+    dict(update_in_grad=True, decay_in_ratio=False, eps=0.0, nesterov="first"),
 ]
 LARS_OPTIONS = [
     dict(),
@@ -138,6 +143,7 @@ LAMB_CHOICES = dict(
     bias_correction=[True, False], grad_averaging=[True, False], decay_in_ratio=[True, False],
     nesterov=[None, "first", "both"], eps=[1e-6, 0.0], eps_root=[0.0, 1e-4], phi=[None, (0.5, 3.0)],
     trust_clip=[False, True, (0.2, 5.0)], max_grad_norm=[None, 2.0], clip_eps=[1e-6, 0.0], weight_decay=[0.0, 0.05],
+    update_in_grad=[False, True],
 )  # fmt: skip
 LARS_CHOICES = dict(
     mode=["paper", "classic"], nesterov=[False, True], clip=[False, True], weight_decay=[0.0, 0.01],
@@ -195,6 +201,7 @@ def test_random_lamb_option_combinations_torch_backend(seed, torch_backend):
 @pytest.mark.parametrize(
     "cls,kw",
     [(Lamb, dict(nesterov="both", max_grad_norm=1.0)), (Lamb, dict(decay_in_ratio=False, trust_clip=(0.5, 2.0), grad_averaging=False)),
+     (Lamb, dict(update_in_grad=True, nesterov="first")),
      (Lars, dict(nesterov=True)),
      (Lars, dict(mode="classic", denominator="combined", lr_in_momentum=True, nesterov=True))],
 )  # fmt: skip
@@ -219,7 +226,8 @@ def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
     steps = [torch.zeros((), device=meta) for _ in xs]
     w, u, r = run(_fused.fused_lamb(
         xs, like(), like(), like(), steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, eps_root=1e-12, weight_decay=0.01,
-        decay_in_ratio=False, bias_correction=True, grad_averaging=False, adapt=True, phi=None, trust_clip=(0.01, 10.0), nesterov="both", ok=ok,
+        decay_in_ratio=False, bias_correction=True, grad_averaging=False, adapt=True, phi=None, trust_clip=(0.01, 10.0), nesterov="both",
+        update_in_grad=True, ok=ok,
         grad_scale=scale, reduce=lambda t: t,
     ))  # fmt: skip
     assert w.device == meta and w.shape == (len(xs),)
@@ -275,6 +283,7 @@ def test_16bit_params_with_master_weights(gdtype):
 @pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
 @pytest.mark.parametrize("value", [1e-24, 3e20], ids=["tiny", "huge"])
 @pytest.mark.parametrize("cls,kw", [(Lamb, dict(weight_decay=0.01)), (Lars, dict(weight_decay=0.01)),
+                                    (Lamb, dict(weight_decay=0.01, update_in_grad=True, nesterov="both")),
                                     (Lars, dict(mode="classic", weight_decay=0.01, nesterov=True))])  # fmt: skip
 def test_float32_norms_of_tiny_and_huge_tensors(cls, kw, value, sharded):
     """Float32 squares underflow below ~1e-19 and overflow above ~1e19: the kernel takes such a
@@ -291,11 +300,13 @@ def test_float32_norms_of_tiny_and_huge_tensors(cls, kw, value, sharded):
         outs.append(ps)
     for fast, ref in zip(*outs):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(fast.grad, ref.grad, rtol=1e-5, atol=0)  # the update where update_in_grad
         assert torch.isfinite(fast).all() and not torch.equal(fast, torch.zeros_like(fast))
 
 
 @needs_kernel
-@pytest.mark.parametrize("cls,kw", [(Lamb, dict(nesterov="first")), (Lars, dict()), (Lars, dict(mode="classic"))])
+@pytest.mark.parametrize("cls,kw", [(Lamb, dict(nesterov="first")), (Lamb, dict(update_in_grad=True)), (Lars, dict()),
+                                    (Lars, dict(mode="classic"))])  # fmt: skip
 def test_norm_reducer_is_called_once_per_step_with_all_sums(cls, kw):
     """Sharded parameters: [w_sq..., d_sq...] of every tensor goes through ONE reduce call."""
     calls = {"ref": [], "fused": []}

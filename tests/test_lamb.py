@@ -89,6 +89,20 @@ def test_decay_outside_the_ratio_first_step_exact_numbers(path):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("decay_in_ratio", [True, False])
+def test_update_in_grad_first_step_exact_numbers(path, decay_in_ratio):
+    # update_in_grad: the gradient holds u after the step. x = (3, 4), g = (1, -2), eps = 0, wd = 0.5:
+    # r = sign(g) = (1, -1); u = r + 0.5 * (3, 4) = (2.5, 1) in the paper's placement, u = r otherwise.
+    # The parameter moves exactly as without the option.
+    p, _ = first_step(lr=0.1, eps=0.0, weight_decay=0.5, decay_in_ratio=decay_in_ratio, update_in_grad=True, **path)
+    q, _ = first_step(lr=0.1, eps=0.0, weight_decay=0.5, decay_in_ratio=decay_in_ratio, **path)
+    u = [2.5, 1.0] if decay_in_ratio else [1.0, -1.0]
+    torch.testing.assert_close(p.grad, torch.tensor(u, dtype=F64), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(q.grad, torch.tensor([1.0, -2.0], dtype=F64), rtol=0, atol=0)  # default: untouched
+    assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_without_grad_averaging_first_step_exact_numbers(path):
     # grad_averaging=False: m = g = (1, -2), m_hat = m / 0.1 = (10, -20), v_hat = g^2, r = (10, -10);
     # u = r + 0.5 * (3, 4) = (11.5, -8), ||u|| = sqrt(196.25); x1 = x - 0.1 * 5/sqrt(196.25) * u.
@@ -435,10 +449,11 @@ def test_a_state_dict_without_a_newer_option_loads_with_its_default():
     opt.step()
     saved = opt.state_dict()
     for group in saved["param_groups"]:
-        del group["decay_in_ratio"]  # as saved before the option existed
+        del group["decay_in_ratio"], group["update_in_grad"]  # as saved before the options existed
     fresh = Lamb([p], lr=0.1, weight_decay=0.01)
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["decay_in_ratio"] is True
+    assert fresh.param_groups[0]["update_in_grad"] is False
     fresh.step()
 
 
@@ -575,3 +590,8 @@ def test_torch_compile_step_matches_eager(trust_clip, nesterov, decay_in_ratio):
     kw = dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, trust_clip=trust_clip, nesterov=nesterov,
               decay_in_ratio=decay_in_ratio)  # fmt: skip
     assert_compiled_step_matches_eager(Lamb, kw)
+
+
+def test_torch_compile_step_with_update_in_grad():
+    """Writing the update into the gradients compiles into the same single graph."""
+    assert_compiled_step_matches_eager(Lamb, dict(lr=1e-2, weight_decay=0.01, nesterov="first", update_in_grad=True))

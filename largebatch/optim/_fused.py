@@ -108,10 +108,11 @@ class _StepArgs(ctypes.Structure):
         ("lr_in_momentum", ctypes.c_int32),
         ("beta3", ctypes.c_double),
         ("eps_root", ctypes.c_double),
+        ("update_to_grad", ctypes.c_int32),
     ]
 
 
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _lock = threading.Lock()
 _kernels: dict[tuple, ctypes.CDLL | None] = {}  # (optimizer, dtype, grad code) -> library, None: failed
 _kernel_info: dict[tuple, dict] = {}
@@ -329,19 +330,22 @@ def _run_cpu(lib: ctypes.CDLL, args: _StepArgs) -> None:
 
 def fused_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
-    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, update_in_grad, ok, grad_scale, reduce,
 ):  # fmt: skip
     """LAMB on one bucket, in place, with the semantics of ``_multi_tensor_lamb``."""
     kw = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
         decay_in_ratio=decay_in_ratio, bias_correction=bias_correction, grad_averaging=grad_averaging,
-        adapt=adapt, phi=phi, trust_clip=trust_clip, nesterov=nesterov, ok=ok, grad_scale=grad_scale, reduce=reduce,
+        adapt=adapt, phi=phi, trust_clip=trust_clip, nesterov=nesterov, update_in_grad=update_in_grad, ok=ok,
+        grad_scale=grad_scale, reduce=reduce,
     )  # fmt: skip
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     if _use_torch_backend(params):
         return _torch_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, **kw)
     lib, gcode = _cpu_kernel_for("lamb", params, grads, [exp_avgs, exp_avg_sqs])
+    if update_in_grad and gcode != 0:  # the callers check the dtypes; the kernel cannot store u in 16 bits
+        raise ValueError("update_in_grad needs gradients of the parameters' dtype")
     if lib is None or any(s.dtype != torch.float32 or s.numel() != 1 or s.device.type != "cpu" for s in steps):
         from largebatch.optim.lamb import _multi_tensor_lamb
 
@@ -365,6 +369,7 @@ def fused_lamb(
         grad_scale=gs, coefficient=1.0, ratio_eps=0.0, ratio_wd=0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
         decay=shrink, beta3=first_moment_factor(beta1, grad_averaging), eps_root=eps_root,
+        update_to_grad=int(update_in_grad),
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -533,7 +538,8 @@ def _lamb_direction(x, g, m, v, coef, eps: float, eps_root: float, weight_decay:
 
 
 def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta3: float, beta2: float, eps: float,
-                eps_root: float, weight_decay: float, nesterov: int, shrink: float) -> Tensor:  # fmt: skip
+                eps_root: float, weight_decay: float, nesterov: int, shrink: float, store: bool) -> Tensor:  # fmt: skip
+    grad = g
     g = _effective_grad(g, x.dtype, ok, grad_scale)
     if shrink != 1.0:
         x = x * shrink
@@ -542,15 +548,20 @@ def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta3: float, be
     m.copy_(m_new)
     v.copy_(v_new)
     u = _lamb_direction(x, g, m_new, v_new, coef, eps, eps_root, weight_decay, nesterov)
+    if store:  # update_in_grad: pass 2 reads u from the gradient
+        grad.copy_(_keep_unless(ok, u, grad))
     return torch.stack([_sq_sum(x), _sq_sum(u)])
 
 
 def _lamb_pass2(x, g, m, v, coef, ok, grad_scale, scale, eps: float, eps_root: float, weight_decay: float,
-                nesterov: int, shrink: float) -> None:  # fmt: skip
-    if nesterov >= 1:
-        g = _effective_grad(g, x.dtype, ok, grad_scale)
+                nesterov: int, shrink: float, stored: bool) -> None:  # fmt: skip
     xs = x * shrink if shrink != 1.0 else x
-    u = _lamb_direction(xs, g, m, v, coef, eps, eps_root, weight_decay, nesterov)
+    if stored:  # u is in the gradient (it is the gradient itself where ok is False; x is kept there)
+        u = g
+    else:
+        if nesterov >= 1:
+            g = _effective_grad(g, x.dtype, ok, grad_scale)
+        u = _lamb_direction(xs, g, m, v, coef, eps, eps_root, weight_decay, nesterov)
     x.copy_(_keep_unless(ok, xs + u * scale, x))
 
 
@@ -642,7 +653,7 @@ def _stacked_sums(sums: list[Tensor]) -> Tensor:
 
 def _torch_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
-    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, ok, grad_scale, reduce,
+    bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, update_in_grad, ok, grad_scale, reduce,
 ):  # fmt: skip
     dt, device = params[0].dtype, params[0].device
     weight_decay, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
@@ -657,7 +668,7 @@ def _torch_lamb(
     pass1, pass2 = _pass("_lamb_pass1", device), _pass("_lamb_pass2", device)
     flat = _flat(params, grads, exp_avgs, exp_avg_sqs)
     sums = [
-        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta3, beta2, eps, eps_root, weight_decay, nest, shrink)
+        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta3, beta2, eps, eps_root, weight_decay, nest, shrink, update_in_grad)
         for i, (x, g, m, v) in enumerate(zip(*flat))
     ]
 
@@ -666,7 +677,7 @@ def _torch_lamb(
         ratio = _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip)
         scale = -lr * ratio
         for i, (x, g, m, v) in enumerate(zip(*flat)):
-            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, eps_root, weight_decay, nest, shrink)
+            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, eps_root, weight_decay, nest, shrink, update_in_grad)
         return w_norm, u_norm, ratio
 
     from largebatch.optim._common import with_global_sums

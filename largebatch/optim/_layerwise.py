@@ -123,6 +123,11 @@ class LayerwiseOptimizer(Optimizer):
     def _init_state(self, p: Tensor, state: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @staticmethod
+    def _check_grads(group: dict, xs: list[Tensor], grads: list[Tensor]) -> None:
+        """Raise ValueError if the group's options cannot take these gradients of the tensors ``xs``
+        (masters of 16-bit parameters, local shards); called for every group before anything changes."""
+
     def _update(self, group: dict, xs, grads, states, ok, grad_scale, use_foreach: bool):  # pragma: no cover
         """The update of one bucket: (weight norms, update norms, trust ratios), or with a norm
         reducer a Pending request that finishes with them (see largebatch.optim._common.run_together)."""
@@ -171,6 +176,8 @@ class LayerwiseOptimizer(Optimizer):
                 loss = closure()
         self.telemetry.clear()
         gathered = [self._gather(g) for g in self.param_groups]
+        for group, (params, grads, states) in zip(self.param_groups, gathered):
+            self._check_grads(group, [local_tensor(s.get("master", p)) for p, s in zip(params, states)], grads)
 
         grad_scale = None
         global_ok = None

@@ -37,6 +37,7 @@ CASES = {
     "lamb_decay_first_bounds_multi_tensor": (
         Lamb, dict(lr=0.02, weight_decay=0.1, decay_in_ratio=False, trust_clip=(0.5, 2.0), fused=False)
     ),
+    "lamb_update_in_grad": (Lamb, dict(lr=0.02, weight_decay=0.1, nesterov="first", update_in_grad=True, **CLIP)),
     "lars_paper_nonfinite_none": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nonfinite="none")),
     "lamb_reference_path": (Lamb, dict(lr=0.02, weight_decay=0.1, foreach=False, **CLIP)),
     "lars_paper": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=0.01, mode="paper", **CLIP)),
@@ -74,6 +75,7 @@ def run_case(cls, kwargs, mesh, info, x, y):
     return {
         "param_diff": max_abs_diff(params, ref_params),
         "state_diff": state_diff(opt, params, ref_opt, ref_params),
+        "grad_diff": max_abs_diff([p.grad for p in params], [q.grad for q in ref_params]),
         "comms_per_step": comms,
         "n_tensors": len(params),
         "n_groups": len(opt.param_groups),

@@ -7,7 +7,9 @@
 // LAMB's u costs a square root and a division per element. Pass 1 leaves the u of the last
 // elements of each thread's range in a per-thread buffer that pass 2 reads (the buffers in use take
 // at most a fifth of the bucket's size); for the other elements pass 2 recomputes u from the updated
-// moments. Without a cross-shard reduction both passes of a tensor run back to back, and pass 2
+// moments. With update_to_grad (Lamb(update_in_grad=True)) pass 1 stores every u over its gradient
+// element instead and pass 2 reads it there: nothing is recomputed and no buffer is used.
+// Without a cross-shard reduction both passes of a tensor run back to back, and pass 2
 // walks its range backwards, starting with the data that pass 1 touched last (still in cache).
 //
 // Tensors are processed last to first: a step usually follows a pass over the gradients in list
@@ -104,6 +106,7 @@ struct StepArgs {
   int32_t lr_in_momentum; // LARS classic: b = mom b + lr d, x -= b (TensorFlow, optax); 0: x -= lr b
   double beta3;           // LAMB: the factor of g in the first moment (1 - beta1, or 1 without grad averaging)
   double eps_root;        // LAMB: added to v_hat inside the square root (exactly nothing when 0)
+  int32_t update_to_grad; // LAMB, gradients of the parameter's dtype: pass 1 stores u over g, pass 2 reads it there
 };
 
 }  // extern "C"
@@ -178,15 +181,23 @@ struct Lamb {
 
   static constexpr bool kKeeps = true;  // pass 1 can leave u in a buffer for pass 2
 
+  // The gradient's memory, which holds u after pass 1 (update_to_grad), or nullptr.
+  T* in_grad(int64_t i) const {
+    return (G == kGradSame && a.update_to_grad) ? static_cast<T*>(const_cast<void*>(a.g[i])) : nullptr;
+  }
+
   void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T* keep) const {
-    if (keep != nullptr) {
-      pass1_impl<true>(i, lo, hi, s, keep);
+    if (in_grad(i) != nullptr) {
+      pass1_impl<2>(i, lo, hi, s, nullptr);
+    } else if (keep != nullptr) {
+      pass1_impl<1>(i, lo, hi, s, keep);
     } else {
-      pass1_impl<false>(i, lo, hi, s, nullptr);
+      pass1_impl<0>(i, lo, hi, s, nullptr);
     }
   }
 
-  template <bool KEEP>
+  // KEEP 0: u is not kept; 1: u of [lo, hi) goes to keep[0, hi - lo); 2: u replaces g.
+  template <int KEEP>
   void pass1_impl(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T* __restrict keep) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const void* g = a.g[i];
@@ -208,7 +219,8 @@ struct Lamb {
         v[j] = vj;
         const T xj = x[j] * sh;
         const T u = direction(mj, vj, gj, xj, k, eps, er, wd);
-        if (KEEP) keep[j - lo] = u;
+        if (KEEP == 1) keep[j - lo] = u;
+        if (KEEP == 2) static_cast<T*>(const_cast<void*>(g))[j] = u;  // g[j] was read above
         sw += xj * xj;
         su += u * u;
       }
@@ -223,10 +235,16 @@ struct Lamb {
     const T* m = static_cast<const T*>(a.s1[i]);
     const T* v = static_cast<const T*>(a.s2[i]);
     const LambCoef<T> k = coef[i];
+    const T* stored = in_grad(i);
     for (int64_t j = lo; j < hi; ++j) {
-      const T gj = NEST >= 1 ? GradLoad<T, G>::at(a.g[i], j) * gs : T(0);
       const T xj = x[j] * sh;
-      const double u = double(direction(m[j], v[j], gj, xj, k, eps, er, wd));
+      double u;
+      if (stored != nullptr) {
+        u = double(stored[j]);
+      } else {
+        const T gj = NEST >= 1 ? GradLoad<T, G>::at(a.g[i], j) * gs : T(0);
+        u = double(direction(m[j], v[j], gj, xj, k, eps, er, wd));
+      }
       s.w += double(xj) * double(xj);
       s.d += u * u;
     }
@@ -236,6 +254,7 @@ struct Lamb {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const T scale = T(-a.lr) * ratio;
     const T sh = this->sh;
+    if (in_grad(i) != nullptr) keep = in_grad(i) + lo;
     if (keep != nullptr) {  // u from pass 1
       for (int64_t j1 = hi; j1 > lo; j1 -= kBlock) {
         const int64_t j0 = std::max(lo, j1 - kBlock);
@@ -274,6 +293,7 @@ struct LarsPaper {
       : a(args), mom(T(args.beta1)), c(T(1.0 - args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
 
   static constexpr bool kKeeps = false;
+  T* in_grad(int64_t) const { return nullptr; }
 
   void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
     const T* __restrict x = static_cast<const T*>(a.x[i]);
@@ -343,6 +363,7 @@ struct LarsClassic {
       : a(args), mom(T(args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)), nwd(T(args.norm_wd)) {}
 
   static constexpr bool kKeeps = false;
+  T* in_grad(int64_t) const { return nullptr; }
 
   void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
     const T* __restrict x = static_cast<const T*>(a.x[i]);
@@ -456,7 +477,7 @@ void drive(const StepArgs& a, const K& k) {
   // Both passes over [lo, hi); ratio_of_sums() is called between them. The last keep_max elements
   // keep their u for pass 2 (which starts with them), the others recompute it.
   auto both_passes = [&](int64_t i, int64_t lo, int64_t hi, Sums<T>& sums, auto ratio_of_sums) {
-    const int64_t mid = K::kKeeps ? std::max(lo, hi - keep_max) : hi;
+    const int64_t mid = K::kKeeps && k.in_grad(i) == nullptr ? std::max(lo, hi - keep_max) : hi;
     T* keep = mid < hi ? thread_buffer<T>(hi - mid) : nullptr;
     k.pass1(i, lo, mid, sums, nullptr);
     if (keep != nullptr) k.pass1(i, mid, hi, sums, keep);
@@ -651,7 +672,7 @@ int lb_step(const StepArgs* a) {
   return 0;
 }
 
-int lb_abi_version(void) { return 6; }
+int lb_abi_version(void) { return 7; }
 
 int lb_scalar_bytes(void) { return static_cast<int>(sizeof(LB_SCALAR)); }
 
