@@ -84,8 +84,9 @@ def named_groups(model, spec):
     return [{"params": [params[n] for n in names], **opts} for names, opts in spec]
 
 
-def run_torch(make_opt, init, grads, before_step=None):
-    """Trajectory of a torch optimizer ``make_opt(model)``: the parameters after every step."""
+def run_torch(make_opt, init, grads, before_step=None, with_grads=False):
+    """Trajectory of a torch optimizer ``make_opt(model)``: the parameters after every step (and
+    with ``with_grads`` the gradients after it, "grad:" + name)."""
     model = Net(init)
     opt = make_opt(model)
     trajectory = []
@@ -96,16 +97,20 @@ def run_torch(make_opt, init, grads, before_step=None):
             before_step(opt, t)
         opt.step()
         trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        if with_grads:
+            trajectory[-1] |= {f"grad:{n}": p.grad.clone() for n, p in model.named_parameters()}
     return trajectory
 
 
-def run_peer(peer, init, grads):
-    """Trajectory of a re-implemented peer: ``peer(x, g)`` updates the dict ``x`` in place."""
+def run_peer(peer, init, grads, with_grads=False):
+    """Trajectory of a re-implemented peer: ``peer(x, g)`` updates the dict ``x`` in place.
+    ``with_grads``: each step's entry also holds the gradients after the step ("grad:" + name)."""
     x = {n: v.clone() for n, v in init.items()}
     trajectory = []
     for g in grads:
-        peer(x, {n: v.clone() for n, v in g.items()})
-        trajectory.append({n: v.clone() for n, v in x.items()})
+        g = {n: v.clone() for n, v in g.items()}
+        peer(x, g)
+        trajectory.append({n: v.clone() for n, v in x.items()} | ({f"grad:{n}": v for n, v in g.items()} if with_grads else {}))
     return trajectory
 
 
@@ -319,7 +324,9 @@ class ApexFusedLamb:
     beta3 g with beta3 = 1 - beta1 (grad_averaging) or 1, v = beta2 v + (1 - beta2) g^2, update =
     (m / bc1) / (sqrt(v / bc2) + eps) + decay * p. adam_w_mode=False (MOMENT_MODE_0) adds decay * p
     to the gradient instead. Stage 2: p -= lr * ||p|| / ||update|| * update where the group's decay
-    is non-zero or use_nvlamb, else p -= lr * update (ratio 1 also when a norm is 0).
+    is non-zero or use_nvlamb, else p -= lr * update (ratio 1 also when a norm is 0). Stage 1 stores
+    the update in the gradient's memory ("We now in-place modify grad to store update"), so after a
+    step every p.grad holds its update.
 
     ``clip_denominator_eps`` is not an apex option: it is 0 as in apex, and set to 1e-6 only to show
     that this epsilon is the one difference from largebatch's clipping factor.
@@ -355,6 +362,7 @@ class ApexFusedLamb:
                 update = (m / bc1) / ((v / bc2).sqrt() + self.eps)
                 if self.adam_w_mode:
                     update = update + decay * p
+                g[n].copy_(update)
                 ratio = self.lr
                 if self.use_nvlamb or decay != 0.0:
                     update_norm = update.norm()
@@ -841,6 +849,25 @@ def test_apex_fused_lamb(bias_correction, path):
         init, grads,
     )  # fmt: skip
     assert_trajectories(ours, ref, init, rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_apex_gradients_hold_the_update(path):
+    """apex FusedLAMB leaves each step's update (clipped gradient's Adam direction + decay * p) in
+    p.grad: update_in_grad=True reproduces the gradients after every step too, with clipping acting
+    (clip_eps=0, as apex) and in a group without decay or adaptation."""
+    lr, wd, mgn = 0.02, 0.01, 1.0
+    init, grads = initial_values(), gradients(scale=0.3)
+    assert min(global_norm(g) for g in grads) > mgn  # clipping acts at every step
+    ref = run_peer(ApexFusedLamb([(WEIGHTS, wd), (BIAS, 0.0)], lr=lr, eps=1e-6, max_grad_norm=mgn), init, grads,
+                   with_grads=True)  # fmt: skip
+    groups = lambda m: named_groups(m, [(WEIGHTS, dict(weight_decay=wd)), (BIAS, dict(weight_decay=0.0, adapt=False))])  # noqa: E731
+    ours = run_torch(lambda m: Lamb(groups(m), lr=lr, eps=1e-6, max_grad_norm=mgn, clip_eps=0.0, update_in_grad=True,
+                                    **PATHS[path]), init, grads, with_grads=True)  # fmt: skip
+    assert_trajectories(ours, ref, init, rtol=1e-12)
+    plain = run_torch(lambda m: Lamb(groups(m), lr=lr, eps=1e-6, max_grad_norm=mgn, clip_eps=0.0, **PATHS[path]),
+                      init, grads, with_grads=True)  # fmt: skip
+    assert max_rel_diff(plain, ref) > 0.1  # by default the gradients are left as they were
 
 
 @pytest.mark.parametrize("path", PATHS)
