@@ -35,6 +35,10 @@ from largebatch.optim._common import (
 class LayerwiseOptimizer(Optimizer):
     """Shared machinery; see :class:`largebatch.Lamb` for the options documented in full."""
 
+    # torch.amp.GradScaler.step() hands the step its scale and its inf flag (the attributes
+    # grad_scale and found_inf) instead of unscaling the gradients in place: see _amp_scaling.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params,
@@ -181,20 +185,27 @@ class LayerwiseOptimizer(Optimizer):
 
         grad_scale = None
         global_ok = None
+        inv_scale, amp_ok = self._amp_scaling()
         if self.max_grad_norm is not None:
             all_grads = [g for _, grads, _ in gathered for g in grads]
             norm = global_grad_norm(all_grads, self._totals_reducer())
+            if inv_scale is not None:  # the norm of the unscaled gradients
+                norm = norm * inv_scale.to(norm.dtype)
             self.last_grad_norm = norm
             # With global clipping a non-finite gradient anywhere poisons the clip factor, so the
             # whole step is skipped; without it each group is checked on its own.
-            global_ok = torch.isfinite(norm)
+            global_ok = torch.isfinite(norm) if amp_ok is None else torch.isfinite(norm) & amp_ok
             grad_scale = torch.where(global_ok, clip_coefficient(norm, self.max_grad_norm, self.clip_eps), 1.0)
+        if inv_scale is not None:  # unscaling, done inside the update instead of in place beforehand
+            grad_scale = inv_scale if grad_scale is None else grad_scale * inv_scale.to(grad_scale.dtype)
 
         oks = [global_ok] * len(gathered)
-        if self.nonfinite != "none" and global_ok is None:
+        if global_ok is None and amp_ok is not None:  # the scaler has checked every gradient already
+            oks = [amp_ok] * len(gathered)
+        elif self.nonfinite != "none" and global_ok is None:
             oks = self._groups_ok([grads for _, grads, _ in gathered])
         active = [(i, group, g, ok) for i, (group, g, ok) in enumerate(zip(self.param_groups, gathered, oks)) if g[0]]
-        if self.nonfinite == "raise":  # documented: this policy syncs; checked before anything changes
+        if self.nonfinite == "raise" and amp_ok is None:  # documented: this policy syncs; checked before anything changes
             for i, _, _, ok in active:
                 if not bool(ok):
                     raise FloatingPointError(
@@ -205,7 +216,7 @@ class LayerwiseOptimizer(Optimizer):
         # squared sums: running them together answers the requests of all groups with ONE collective.
         updates = []
         for _, group, (params, grads, states), ok in active:
-            if self.nonfinite != "none" or global_ok is not None:  # clipping: the norm is a free check
+            if self.nonfinite != "none" or global_ok is not None or amp_ok is not None:  # clipping: the norm is a free check
                 self.skipped_steps += (~ok).to(torch.int64).to(self.skipped_steps.device)
             updates.extend(self._group_updates(group, params, grads, states, ok, grad_scale))
         results = run_together([update for *_, update in updates])
@@ -216,6 +227,28 @@ class LayerwiseOptimizer(Optimizer):
                 if "master" in s:  # the float32 master, copied back into the 16-bit parameter
                     local_tensor(p).copy_(local_tensor(s["master"]))
         return loss
+
+    def _amp_scaling(self) -> tuple[Tensor | None, Tensor | None]:
+        """(1 / scale, steps ok) from a torch.amp.GradScaler calling this step, else (None, None).
+
+        ``GradScaler.step`` sets ``grad_scale`` (its scale; None when ``unscale_`` was called
+        already) and ``found_inf`` (non-zero when it found an inf/nan in any gradient) on the
+        optimizer for the duration of the step. The gradients are then multiplied by
+        ``1 / scale`` (computed as ``GradScaler.unscale_`` does) inside the update, and a step with
+        ``found_inf`` is skipped under every ``nonfinite`` policy and counted in ``skipped_steps``
+        (overflow is how the scaler finds its scale); the optimizer's own non-finite check, which
+        the scaler has done, is not repeated. Nothing is read on the host.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return None, None
+        ok = found_inf == 0
+        reduce = self._totals_reducer()
+        if reduce is not None:  # every rank takes the same decision (a no-op after ShardedGradScaler)
+            ok = reduce((~ok).float().reshape(1)).reshape(()) == 0
+        scale = getattr(self, "grad_scale", None)
+        inv_scale = None if scale is None else scale.double().reciprocal().float()
+        return inv_scale, ok
 
     def _record(self, params, xs, updated, norms) -> None:
         owner = {id(x): p for p, x in zip(params, xs)}

@@ -118,6 +118,10 @@ class Lamb(LayerwiseOptimizer):
             None when parameters are not sharded (DTensor parameters imply theirs). It is called
             once per step for the norms of all groups together.
 
+    With ``torch.amp.GradScaler``, ``scaler.step(opt)`` passes its scale and inf flag to the step,
+    which unscales inside the update and skips an overflowing step (see
+    ``LayerwiseOptimizer._amp_scaling``) instead of the scaler unscaling the gradients in place.
+
     After a step, ``telemetry.read()`` gives each parameter's weight norm ``||x||``, update norm
     ``||u||`` and trust ratio (kept as tensors until read, so recording costs no host sync).
 

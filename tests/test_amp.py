@@ -1,0 +1,81 @@
+"""torch.amp.GradScaler: the step takes the scaler's scale and inf flag (``_step_supports_amp_scaling``).
+
+The reference is the scaler's ordinary protocol, which the same optimizer follows with the flag
+turned off: ``unscale_`` divides the gradients in place, and a step with an inf/nan is not called
+at all. Scales are powers of two, so unscaling inside the update gives the same bits.
+"""
+
+import pytest
+import torch
+from conftest import PATH_IDS, PATHS
+
+from largebatch import Lamb, Lars
+
+INF_STEP = 3
+
+
+def train(cls, kw, *, fused_scaling, steps=6, unscale_first=False, inf_step=INF_STEP):
+    """Parameters, final scale, skipped_steps and the number of steps the optimizer applied."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.01, **kw)
+    if not fused_scaling:
+        opt._step_supports_amp_scaling = False  # the scaler unscales in place and skips the call itself
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        xb, yb = torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen)
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(xb), yb)).backward()
+        if t == inf_step:
+            model[0].weight.grad[0, 0] = float("inf")
+        if unscale_first:  # e.g. to clip by hand: the scaler then passes no scale, only its flag
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")  # the scaler removed them
+    return [p.detach().clone() for p in model.parameters()], float(scaler.get_scale()), int(opt.skipped_steps), opt
+
+
+CASES = [
+    (Lamb, dict()),
+    (Lamb, dict(max_grad_norm=0.5, nesterov="first")),
+    (Lamb, dict(update_in_grad=True)),
+    (Lars, dict()),
+    (Lars, dict(mode="classic", max_grad_norm=0.5)),
+]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaled", "unscaled"])
+@pytest.mark.parametrize("cls,kw", CASES, ids=lambda c: getattr(c, "__name__", None) or ",".join(c) or "defaults")
+def test_grad_scaler_steps_as_its_ordinary_protocol(cls, kw, unscale_first, path):
+    ours, scale, skipped, opt = train(cls, kw | path, fused_scaling=True, unscale_first=unscale_first)
+    ref, ref_scale, ref_skipped, ref_opt = train(cls, kw | path, fused_scaling=False, unscale_first=unscale_first)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    assert scale == ref_scale == 2.0**13  # 2^12, x2 after steps 0-1, /2 at the inf (step 3), x2 after steps 4-5
+    assert skipped == 1 and ref_skipped == 0  # the overflow reached our step (counted) / never called it
+    steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
+    assert all(s == 5 for s in steps)  # 6 steps, one skipped
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise", "none"])
+def test_an_overflow_is_skipped_under_every_policy(nonfinite):
+    """Overflow is how the scaler finds its scale: "raise" does not raise for it, "none" still skips."""
+    ours, _, skipped, _ = train(Lamb, dict(nonfinite=nonfinite), fused_scaling=True)
+    ref, *_ = train(Lamb, dict(nonfinite=nonfinite), fused_scaling=False)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    assert skipped == 1
+
+
+def test_scale_is_applied_inside_the_step():
+    """Without the scaler's unscale_ the step itself divides by the scale: dropping it would give a
+    different trajectory (a control that the comparison above is not vacuous). Adam's direction, the
+    trust ratio and global clipping hardly depend on the gradients' scale, so the control has no
+    clipping and an eps large enough to show it."""
+    ours, *_ = train(Lamb, dict(eps=0.1), fused_scaling=True, inf_step=-1)
+    opt_cls = type("IgnoresScale", (Lamb,), {"_amp_scaling": lambda self: (None, None)})
+    wrong, *_ = train(opt_cls, dict(eps=0.1), fused_scaling=True, inf_step=-1)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, wrong)) > 1e-4
