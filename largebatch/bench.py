@@ -147,12 +147,47 @@ def _with_fast_check(cls_name: str, **kw):
     return make
 
 
+def _under_grad_scaler(make_opt: Callable, fused_scaling: bool = True):
+    """The optimizer ``make_opt(params)`` whose ``step()`` is ``torch.amp.GradScaler.step`` then
+    ``update`` (scale fixed at 1, so the gradients keep their values from step to step).
+
+    ``fused_scaling=True``: the scaler hands the step its scale and inf flag (the optimizer's
+    ``_step_supports_amp_scaling``); False: the scaler's ordinary protocol, an in-place ``unscale_``
+    of every gradient and a host read of the inf flag before the step."""
+
+    def make(params):
+        opt = make_opt(params)
+        base = type(opt)
+
+        class Scaled(base):
+            def step(self, closure=None):
+                if self._in_scaler:  # called back by the scaler
+                    return base.step(self, closure)
+                self._in_scaler = True
+                try:
+                    self._scaler.step(self)
+                    self._scaler.update()
+                finally:
+                    self._in_scaler = False
+
+        opt.__class__ = Scaled
+        opt._in_scaler = False
+        opt._scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1 << 30)
+        opt._scaler.scale(torch.zeros(()))  # as scaler.scale(loss) would: creates the scale tensor
+        opt._step_supports_amp_scaling = fused_scaling and getattr(opt, "_step_supports_amp_scaling", False)
+        return opt
+
+    return make
+
+
 IMPLS: list[Impl] = [
     Impl("lamb", "adam", _largebatch("Lamb"), "largebatch Lamb, defaults (fused kernel, nonfinite='skip')"),
     Impl("lamb+fastcheck", "adam", _with_fast_check("Lamb"), "largebatch Lamb, defaults, finiteness check by fused_all_finite"),
     Impl("lamb-nocheck", "adam", _largebatch("Lamb", nonfinite="none"), "largebatch Lamb, nonfinite='none'"),
     Impl("lamb-update-in-grad", "adam", _largebatch("Lamb", update_in_grad=True), "largebatch Lamb, defaults with update_in_grad=True (u kept in the gradient)"),
     Impl("lamb-nocheck-update-in-grad", "adam", _largebatch("Lamb", nonfinite="none", update_in_grad=True), "largebatch Lamb, nonfinite='none', update_in_grad=True"),
+    Impl("lamb+gradscaler", "adam", _under_grad_scaler(_largebatch("Lamb")), "largebatch Lamb stepped by torch.amp.GradScaler: scale and inf flag passed to the step"),
+    Impl("lamb+gradscaler-unscale", "adam", _under_grad_scaler(_largebatch("Lamb"), fused_scaling=False), "largebatch Lamb stepped by torch.amp.GradScaler's ordinary protocol (in-place unscale_)"),
     Impl("lamb-foreach", "adam", _largebatch("Lamb", fused=False), "largebatch Lamb, multi-tensor path"),
     Impl("lamb-reference", "adam", _largebatch("Lamb", foreach=False), "largebatch Lamb, single-tensor reference", slow=True),
     Impl("lars", "sgd", _largebatch("Lars"), "largebatch Lars, defaults (fused kernel, nonfinite='skip')"),
@@ -160,6 +195,7 @@ IMPLS: list[Impl] = [
     Impl("lars-foreach", "sgd", _largebatch("Lars", fused=False), "largebatch Lars, multi-tensor path"),
     Impl("lars-reference", "sgd", _largebatch("Lars", foreach=False), "largebatch Lars, single-tensor reference", slow=True),
     Impl("adamw-fused", "adam", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, fused=True), "torch AdamW(fused=True)"),
+    Impl("adamw-fused+gradscaler", "adam", _under_grad_scaler(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)), "torch AdamW(fused=True) stepped by torch.amp.GradScaler (scale and inf flag passed to the step)"),
     Impl("adamw-foreach", "adam", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True), "torch AdamW(foreach=True)"),
     Impl("sgd-foreach", "sgd", lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY, foreach=True), "torch SGD(momentum=0.9, foreach=True)"),
     Impl("torch_optimizer.Lamb", "adam", _peer("torch_optimizer", "Lamb"), "torch-optimizer 0.3 Lamb"),

@@ -79,3 +79,26 @@ def test_scale_is_applied_inside_the_step():
     opt_cls = type("IgnoresScale", (Lamb,), {"_amp_scaling": lambda self: (None, None)})
     wrong, *_ = train(opt_cls, dict(eps=0.1), fused_scaling=True, inf_step=-1)
     assert max(float((a - b).abs().max()) for a, b in zip(ours, wrong)) > 1e-4
+
+
+@pytest.mark.parametrize("name,reaches_step", [("lamb+gradscaler", True), ("lamb+gradscaler-unscale", False),
+                                               ("adamw-fused+gradscaler", True)])  # fmt: skip
+def test_bench_grad_scaler_rows_take_the_protocol_they_name(name, reaches_step):
+    """`largebatch bench` rows under a GradScaler: the scale and flag are handed to the step only
+    where the row says so (Lamb then counts the skipped step; the ordinary protocol never calls it),
+    an inf gradient changes nothing, and the scaler backs off."""
+    from largebatch import bench
+
+    params = bench.make_tensors([(3, 4), (4,)])
+    opt = bench._impl(name).make(params)
+    assert opt._step_supports_amp_scaling == reaches_step
+    before = [p.detach().clone() for p in params]
+    params[0].grad[1, 1] = float("inf")
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert float(opt._scaler.get_scale()) == 0.5
+    if name.startswith("lamb"):
+        assert int(opt.skipped_steps) == int(reaches_step)
+    params[0].grad[1, 1] = 0.0
+    opt.step()
+    assert not torch.equal(params[0].detach(), before[0])
