@@ -102,3 +102,37 @@ def test_bench_grad_scaler_rows_take_the_protocol_they_name(name, reaches_step):
     params[0].grad[1, 1] = 0.0
     opt.step()
     assert not torch.equal(params[0].detach(), before[0])
+
+
+def test_float16_parameters_with_master_weights_under_grad_scaler():
+    """float16 parameters (float32 masters): the scaler's ordinary protocol refuses to unscale
+    float16 gradients in place; handed the scale, the step unscales them in float32. A scale that is
+    a power of two is exact in float16 arithmetic, so the run equals an unscaled one bit for bit."""
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4).half()
+        opt = Lamb(model.parameters(), lr=1e-2, weight_decay=0.01, max_grad_norm=0.5)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            loss = model(torch.randn(16, 8, generator=gen).half()).float().square().mean()
+            opt.zero_grad()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+        return [opt.state[p]["master"].clone() for p in model.parameters()] + [p.detach().clone() for p in model.parameters()]
+
+    ref = run(None)
+    ours = run(torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        model = torch.nn.Linear(8, 4).half()
+        opt = Lamb(model.parameters(), lr=1e-2)
+        opt._step_supports_amp_scaling = False
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(model(torch.randn(2, 8).half()).float().sum()).backward()
+        scaler.step(opt)
