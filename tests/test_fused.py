@@ -427,3 +427,21 @@ def test_bench_quick_writes_json(tmp_path):
         assert row["median_ms"] > 0 and row["x_floor"] > 0 and row["steps_timed"] == 3
     assert rows["adamw-fused"]["vs_adamw-fused"] == 1.0
     assert rows["lamb"]["path"] in ("fused", "foreach")
+
+
+@needs_kernel
+def test_update_in_grad_with_gradients_the_kernel_cannot_take_falls_back():
+    """A non-contiguous gradient sends the bucket to the multi-tensor path, which stores u as well."""
+    xs = [torch.randn(6, 5, dtype=F64), torch.randn(40_000, dtype=F64)]
+    grads = [torch.randn(5, 6, dtype=F64).t(), torch.randn(40_000, dtype=F64)]  # the first is not contiguous
+    outs = []
+    for path in (dict(fused=True), dict(foreach=False)):
+        ps = clone_params(xs)
+        for p, g in zip(ps, grads):
+            p.grad = g.clone() if g.is_contiguous() else g.t().clone().t()
+        assert not ps[0].grad.is_contiguous()
+        Lamb(ps, lr=0.05, weight_decay=0.01, update_in_grad=True, **path).step()
+        outs.append(ps)
+    for fast, ref in zip(*outs):
+        torch.testing.assert_close(fast, ref, **TOL[F64])
+        torch.testing.assert_close(fast.grad, ref.grad, **TOL[F64])

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from largebatch.optim._fused import fused_all_finite, wide_dtype
+from largebatch.optim._fused import fused_all_finite, unscale_grads_, wide_dtype
 
 NONFINITE_POLICIES = ("skip", "raise", "none")
 NESTEROV_MODES = (None, "first", "both")

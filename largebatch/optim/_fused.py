@@ -109,10 +109,11 @@ class _StepArgs(ctypes.Structure):
         ("beta3", ctypes.c_double),
         ("eps_root", ctypes.c_double),
         ("update_to_grad", ctypes.c_int32),
+        ("grad_unscale", ctypes.c_double),
     ]
 
 
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 _lock = threading.Lock()
 _kernels: dict[tuple, ctypes.CDLL | None] = {}  # (optimizer, dtype, grad code) -> library, None: failed
 _kernel_info: dict[tuple, dict] = {}
@@ -323,6 +324,25 @@ def _host_scalars(ok: Tensor | None, grad_scale: Tensor | None, dt: torch.dtype)
     return skip, scale
 
 
+def unscale_grads_(grads: list[Tensor], unscale: Tensor | None) -> None:
+    """Multiply the gradients in place by ``unscale`` (a GradScaler's 1 / scale), as
+    ``GradScaler.unscale_`` does; nothing when it is None."""
+    if unscale is not None and grads:
+        torch._foreach_mul_(grads, unscale.to(grads[0].device))
+
+
+def _kernel_unscale(grads: list[Tensor], unscale: Tensor | None, gcode: int, skip: bool) -> float:
+    """The kernel's grad_unscale: 1 / scale, which its pass 1 applies and stores back into gradients
+    of the parameters' dtype; 0 when there is none or when it was applied here, in place, because
+    the kernel will not run (a skipped step) or cannot store it (16-bit gradients)."""
+    if unscale is None:
+        return 0.0
+    if skip or gcode != 0:
+        unscale_grads_(grads, unscale)
+        return 0.0
+    return float(unscale)
+
+
 def _run_cpu(lib: ctypes.CDLL, args: _StepArgs) -> None:
     if lib.lb_step(ctypes.byref(args)) != 0:  # pragma: no cover - guarded by _cpu_kernel_for
         raise RuntimeError("the fused CPU kernel rejected its arguments")
@@ -331,20 +351,21 @@ def _run_cpu(lib: ctypes.CDLL, args: _StepArgs) -> None:
 def fused_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, update_in_grad, ok, grad_scale, reduce,
+    unscale=None,
 ):  # fmt: skip
     """LAMB on one bucket, in place, with the semantics of ``_multi_tensor_lamb``."""
     kw = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
         decay_in_ratio=decay_in_ratio, bias_correction=bias_correction, grad_averaging=grad_averaging,
         adapt=adapt, phi=phi, trust_clip=trust_clip, nesterov=nesterov, update_in_grad=update_in_grad, ok=ok,
-        grad_scale=grad_scale, reduce=reduce,
+        grad_scale=grad_scale, reduce=reduce, unscale=unscale,
     )  # fmt: skip
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     if _use_torch_backend(params):
         return _torch_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, **kw)
     lib, gcode = _cpu_kernel_for("lamb", params, grads, [exp_avgs, exp_avg_sqs])
-    if update_in_grad and gcode != 0:  # the callers check the dtypes; the kernel cannot store u in 16 bits
+    if update_in_grad and gcode not in (None, 0):  # the callers check the dtypes; no u in 16 bits
         raise ValueError("update_in_grad needs gradients of the parameters' dtype")
     if lib is None or any(s.dtype != torch.float32 or s.numel() != 1 or s.device.type != "cpu" for s in steps):
         from largebatch.optim.lamb import _multi_tensor_lamb
@@ -354,6 +375,7 @@ def fused_lamb(
     dt = params[0].dtype
     n = len(params)
     skip, gs = _host_scalars(ok, grad_scale, dt)
+    unscale_in_kernel = _kernel_unscale(grads, unscale, gcode, skip)
     if skip:  # nothing changes, as in the reference path
         return _empty_result(n, dt, "cpu")
     w_norm, u_norm, ratio = (torch.empty(n, dtype=dt) for _ in range(3))
@@ -369,7 +391,7 @@ def fused_lamb(
         grad_scale=gs, coefficient=1.0, ratio_eps=0.0, ratio_wd=0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
         decay=shrink, beta3=first_moment_factor(beta1, grad_averaging), eps_root=eps_root,
-        update_to_grad=int(update_in_grad),
+        update_to_grad=int(update_in_grad), grad_unscale=unscale_in_kernel,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -440,13 +462,13 @@ def _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip):
 
 def fused_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce, unscale=None,
 ):  # fmt: skip
     """LARS on one bucket, in place, with the semantics of ``_multi_tensor_lars``."""
     kw = dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
         nesterov=nesterov, mode=mode, clip=clip, denominator=denominator, lr_in_momentum=lr_in_momentum, phi=phi,
-        adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
+        adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce, unscale=unscale,
     )  # fmt: skip
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
@@ -461,6 +483,7 @@ def fused_lars(
     dt = params[0].dtype
     n = len(params)
     skip, gs = _host_scalars(ok, grad_scale, dt)
+    unscale_in_kernel = _kernel_unscale(grads, unscale, gcode, skip)
     if skip:
         return _empty_result(n, dt, "cpu")
     classic = mode == "classic"
@@ -476,6 +499,7 @@ def fused_lars(
         ratio_eps=eps, ratio_wd=weight_decay if classic and denominator == "sum" else 0.0,
         phi_lo=phi[0] if phi is not None else 0.0, phi_hi=phi[1] if phi is not None else 0.0,
         norm_wd=weight_decay if classic and denominator == "combined" else 0.0, lr_in_momentum=int(lr_in_momentum),
+        grad_unscale=unscale_in_kernel,
     )  # fmt: skip
     if reduce is None:
         _run_cpu(lib, args)
@@ -654,7 +678,9 @@ def _stacked_sums(sums: list[Tensor]) -> Tensor:
 def _torch_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, update_in_grad, ok, grad_scale, reduce,
+    unscale=None,
 ):  # fmt: skip
+    unscale_grads_(grads, unscale)
     dt, device = params[0].dtype, params[0].device
     weight_decay, shrink = _decay_split(lr, weight_decay, decay_in_ratio)
     beta3 = first_moment_factor(beta1, grad_averaging)
@@ -687,8 +713,9 @@ def _torch_lamb(
 
 def _torch_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce, unscale=None,
 ):  # fmt: skip
+    unscale_grads_(grads, unscale)
     dt, device = params[0].dtype, params[0].device
     gs = None if grad_scale is None else grad_scale.to(dt)
     flat = _flat(params, grads, momentum_buffers)

@@ -132,9 +132,12 @@ class LayerwiseOptimizer(Optimizer):
         """Raise ValueError if the group's options cannot take these gradients of the tensors ``xs``
         (masters of 16-bit parameters, local shards); called for every group before anything changes."""
 
-    def _update(self, group: dict, xs, grads, states, ok, grad_scale, use_foreach: bool):  # pragma: no cover
+    def _update(self, group: dict, xs, grads, states, ok, grad_scale, unscale, use_foreach: bool):  # pragma: no cover
         """The update of one bucket: (weight norms, update norms, trust ratios), or with a norm
-        reducer a Pending request that finishes with them (see largebatch.optim._common.run_together)."""
+        reducer a Pending request that finishes with them (see largebatch.optim._common.run_together).
+        ``unscale`` (a GradScaler's 1 / scale, or None) multiplies the gradients in place first, as
+        ``GradScaler.unscale_`` would; ``grad_scale`` (global clipping) applies on top, without
+        changing them."""
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------------------------
@@ -174,6 +177,16 @@ class LayerwiseOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Perform one optimisation step. ``closure`` re-evaluates the model and returns the loss."""
+        try:
+            return self._step(closure)
+        except BaseException:
+            # A GradScaler deletes the grad_scale and found_inf it set only after a step that returns;
+            # left behind, they would unscale the next step (or a retried scaler.step) a second time.
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
+            raise
+
+    def _step(self, closure: Callable[[], float] | None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -196,8 +209,6 @@ class LayerwiseOptimizer(Optimizer):
             # whole step is skipped; without it each group is checked on its own.
             global_ok = torch.isfinite(norm) if amp_ok is None else torch.isfinite(norm) & amp_ok
             grad_scale = torch.where(global_ok, clip_coefficient(norm, self.max_grad_norm, self.clip_eps), 1.0)
-        if inv_scale is not None:  # unscaling, done inside the update instead of in place beforehand
-            grad_scale = inv_scale if grad_scale is None else grad_scale * inv_scale.to(grad_scale.dtype)
 
         oks = [global_ok] * len(gathered)
         if global_ok is None and amp_ok is not None:  # the scaler has checked every gradient already
@@ -217,8 +228,10 @@ class LayerwiseOptimizer(Optimizer):
         updates = []
         for _, group, (params, grads, states), ok in active:
             if self.nonfinite != "none" or global_ok is not None or amp_ok is not None:  # clipping: the norm is a free check
-                self.skipped_steps += (~ok).to(torch.int64).to(self.skipped_steps.device)
-            updates.extend(self._group_updates(group, params, grads, states, ok, grad_scale))
+                if self.skipped_steps.device != ok.device:  # kept where the flags are: no copy to the host
+                    self.skipped_steps = self.skipped_steps.to(ok.device)
+                self.skipped_steps += (~ok).to(torch.int64)
+            updates.extend(self._group_updates(group, params, grads, states, ok, grad_scale, inv_scale))
         results = run_together([update for *_, update in updates])
         for (params, xs, bucket, _), norms in zip(updates, results):
             self._record(params, xs, bucket, norms)
@@ -269,7 +282,7 @@ class LayerwiseOptimizer(Optimizer):
         bad = reduce(torch.stack([(~ok).float().to(device) for ok in oks]))
         return list((bad == 0).unbind())
 
-    def _group_updates(self, group, params, grads, states, ok, grad_scale) -> list[tuple]:
+    def _group_updates(self, group, params, grads, states, ok, grad_scale, unscale) -> list[tuple]:
         """[(params, xs, bucket, update result or Pending)] for one group: one bucket per device and dtype
         on the multi-tensor path, the whole group on the reference path. ``xs`` are the tensors
         updated: float32 masters of 16-bit parameters, local shards of DTensors."""
@@ -282,7 +295,7 @@ class LayerwiseOptimizer(Optimizer):
             states = [{k: local_tensor(v) for k, v in s.items()} for s in states]
         use_foreach = self._use_foreach(params)
         if not use_foreach:
-            return [(params, xs, xs, self._update(group, xs, grads, states, ok, grad_scale, False))]
+            return [(params, xs, xs, self._update(group, xs, grads, states, ok, grad_scale, unscale, False))]
         # The multi-tensor path needs tensors of one device and dtype per call.
         buckets: dict = defaultdict(lambda: ([], [], []))
         for x, g, s in zip(xs, grads, states):
@@ -290,7 +303,8 @@ class LayerwiseOptimizer(Optimizer):
             b[0].append(x)
             b[1].append(g)
             b[2].append(s)
-        return [(params, xs, bx, self._update(group, bx, bg, bs, ok, grad_scale, True)) for bx, bg, bs in buckets.values()]
+        return [(params, xs, bx, self._update(group, bx, bg, bs, ok, grad_scale, unscale, True))
+                for bx, bg, bs in buckets.values()]  # fmt: skip
 
 
 def _placement_reducer(param_groups: list[dict]) -> SquaredSumReducer | None:

@@ -22,6 +22,7 @@ from largebatch.optim._common import (
     compute_dtype,
     run,
     trust_ratio,
+    unscale_grads_,
     with_layer_norms,
 )
 from largebatch.optim._fused import _decay_split, first_moment_factor, fused_lamb, wide_dtype
@@ -219,7 +220,7 @@ class Lamb(LayerwiseOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
 
-    def _update(self, group, xs, grads, states, ok, grad_scale, use_foreach):
+    def _update(self, group, xs, grads, states, ok, grad_scale, unscale, use_foreach):
         beta1, beta2 = group["betas"]
         impl = _lamb_impl(fused=self._use_fused(xs), foreach=use_foreach)
         return impl(  # a result, or a Pending request: the base class runs all groups together
@@ -244,6 +245,7 @@ class Lamb(LayerwiseOptimizer):
             update_in_grad=group["update_in_grad"],
             ok=ok,
             grad_scale=grad_scale,
+            unscale=unscale,
             reduce=self.norm_reducer,
         )
 
@@ -271,6 +273,7 @@ def lamb(
     update_in_grad: bool = False,
     ok: Tensor | None = None,
     grad_scale: Tensor | None = None,
+    unscale: Tensor | None = None,
     reduce: SquaredSumReducer | None = None,
     foreach: bool = True,
     fused: bool = False,
@@ -280,7 +283,8 @@ def lamb(
     ``params`` are the tensors to update (float32 masters of 16-bit parameters); ``ok`` is a 0-d bool
     tensor (False: leave everything unchanged); ``grad_scale`` a 0-d tensor multiplying the
     gradients (global clipping); ``reduce`` turns local squared sums into global ones (called once);
-    ``update_in_grad`` writes each direction u into ``grads`` (which must have the dtype of ``params``).
+    ``update_in_grad`` writes each direction u into ``grads`` (which must have the dtype of ``params``);
+    ``unscale`` (a GradScaler's 1 / scale) multiplies ``grads`` in place first, as ``GradScaler.unscale_``.
     Returns (weight norms, update norms, trust ratios), one entry per tensor, as tensors.
     """
     return run(
@@ -289,7 +293,7 @@ def lamb(
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
             decay_in_ratio=decay_in_ratio,
             bias_correction=bias_correction, grad_averaging=grad_averaging, adapt=adapt, phi=phi, trust_clip=trust_clip,
-            nesterov=nesterov, update_in_grad=update_in_grad, ok=ok, grad_scale=grad_scale, reduce=reduce,
+            nesterov=nesterov, update_in_grad=update_in_grad, ok=ok, grad_scale=grad_scale, unscale=unscale, reduce=reduce,
         )
     )  # fmt: skip
 
@@ -306,12 +310,14 @@ def _lamb_impl(*, fused: bool, foreach: bool):
 def _single_tensor_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, update_in_grad, ok, grad_scale, reduce,
+    unscale=None,
 ):  # fmt: skip
     """The reference: Algorithm 2 written out for one tensor at a time.
 
     Lines 6-9 of the algorithm (moments, bias correction, the direction u) for every tensor, then
     the norms of every tensor (one request when sharded), then line 10: x -= lr * ratio * u.
     """
+    unscale_grads_(grads, unscale)
     n = len(params)
     beta3 = first_moment_factor(beta1, grad_averaging)
     if n == 0 or (ok is not None and not bool(ok)):  # skip: nothing changes (this may sync; it is the reference)
@@ -383,12 +389,14 @@ def _bias_correction(beta: float, t: Tensor, enabled: bool) -> Tensor:
 def _multi_tensor_lamb(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, eps_root, weight_decay, decay_in_ratio,
     bias_correction, grad_averaging, adapt, phi, trust_clip, nesterov, update_in_grad, ok, grad_scale, reduce,
+    unscale=None,
 ):  # fmt: skip
     """Algorithm 2 on lists of tensors with ``torch._foreach_*``; per-tensor scalars live in tensors.
 
     Skipping is done arithmetically so that nothing is read on the host: gradients are zeroed
     where ``ok`` is False and the decay factors become 1, which leaves every tensor bit-identical.
     """
+    unscale_grads_(grads, unscale)
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     dt = params[0].dtype

@@ -17,6 +17,7 @@ from largebatch.optim._common import (
     compute_dtype,
     run,
     trust_ratio,
+    unscale_grads_,
     with_layer_norms,
 )
 from largebatch.optim._fused import fused_lars
@@ -188,7 +189,7 @@ class Lars(LayerwiseOptimizer):
     def _init_state(self, p: Tensor, state: dict) -> None:
         state["momentum_buffer"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
 
-    def _update(self, group, xs, grads, states, ok, grad_scale, use_foreach):
+    def _update(self, group, xs, grads, states, ok, grad_scale, unscale, use_foreach):
         impl = _lars_impl(fused=self._use_fused(xs), foreach=use_foreach)
         return impl(  # a result, or a Pending request: the base class runs all groups together
             xs,
@@ -208,6 +209,7 @@ class Lars(LayerwiseOptimizer):
             adapt=group["adapt"],
             ok=ok,
             grad_scale=grad_scale,
+            unscale=unscale,
             reduce=self.norm_reducer,
         )
 
@@ -231,6 +233,7 @@ def lars(
     adapt: bool = True,
     ok: Tensor | None = None,
     grad_scale: Tensor | None = None,
+    unscale: Tensor | None = None,
     reduce: SquaredSumReducer | None = None,
     foreach: bool = True,
     fused: bool = False,
@@ -244,7 +247,7 @@ def lars(
         _lars_impl(fused=fused, foreach=foreach)(
             params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
             trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, mode=mode, clip=clip,
-            denominator=denominator, lr_in_momentum=lr_in_momentum, phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, reduce=reduce,
+            denominator=denominator, lr_in_momentum=lr_in_momentum, phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, unscale=unscale, reduce=reduce,
         )
     )  # fmt: skip
 
@@ -267,10 +270,11 @@ def _classic_ratio(w_norm, g_norm, *, lr, weight_decay, trust_coefficient, eps, 
 
 def _single_tensor_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce, unscale=None,
 ):  # fmt: skip
     """The reference, one tensor at a time: what each mode measures for every tensor, the norms of
     every tensor (one request when sharded), then each tensor's update."""
+    unscale_grads_(grads, unscale)
     n = len(params)
     if n == 0 or (ok is not None and not bool(ok)):  # skip (the reference may sync)
         zero = torch.zeros(n)
@@ -321,9 +325,10 @@ def _single_tensor_lars(
 
 def _multi_tensor_lars(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, trust_coefficient, eps,
-    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce,
+    nesterov, mode, clip, denominator, lr_in_momentum, phi, adapt, ok, grad_scale, reduce, unscale=None,
 ):  # fmt: skip
     """The same math on ``torch._foreach_*``; skipping is arithmetic (see _multi_tensor_lamb)."""
+    unscale_grads_(grads, unscale)
     if not params:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     dt = params[0].dtype

@@ -68,6 +68,7 @@ struct GradLoad<float, kGradF16> {
   static inline float at(const void* g, int64_t i) { return static_cast<float>(static_cast<const _Float16*>(g)[i]); }
 };
 
+
 }  // namespace
 
 extern "C" {
@@ -107,11 +108,29 @@ struct StepArgs {
   double beta3;           // LAMB: the factor of g in the first moment (1 - beta1, or 1 without grad averaging)
   double eps_root;        // LAMB: added to v_hat inside the square root (exactly nothing when 0)
   int32_t update_to_grad; // LAMB, gradients of the parameter's dtype: pass 1 stores u over g, pass 2 reads it there
+  double grad_unscale;    // != 0 (gradients of the parameter's dtype): pass 1 multiplies g by it and stores it back
+                          // (a GradScaler's 1 / scale, as its unscale_ would); grad_scale then applies on top
 };
 
 }  // extern "C"
 
 namespace {
+
+// Pass 1's gradient element. With UNSCALE (gradients of the parameter's dtype only) it is first
+// multiplied by `unscale` and stored back, leaving the gradient as GradScaler.unscale_ would; every
+// later read (pass 2, sums taken again) then finds the unscaled value.
+template <typename T, int G, bool UNSCALE>
+inline T pass1_grad(const void* g, int64_t j, T unscale) {
+  T v = GradLoad<T, G>::at(g, j);
+  if (UNSCALE) {
+    v = v * unscale;
+    static_cast<T*>(const_cast<void*>(g))[j] = v;
+  }
+  return v;
+}
+
+inline bool unscaling(const StepArgs& a, int grad_type) { return grad_type == kGradSame && a.grad_unscale != 0.0; }
+
 
 template <typename T>
 struct Sums {
@@ -187,17 +206,26 @@ struct Lamb {
   }
 
   void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T* keep) const {
-    if (in_grad(i) != nullptr) {
-      pass1_impl<2>(i, lo, hi, s, nullptr);
-    } else if (keep != nullptr) {
-      pass1_impl<1>(i, lo, hi, s, keep);
+    if (unscaling(a, G)) {
+      pass1_keep<true>(i, lo, hi, s, keep);
     } else {
-      pass1_impl<0>(i, lo, hi, s, nullptr);
+      pass1_keep<false>(i, lo, hi, s, keep);
+    }
+  }
+
+  template <bool UNSCALE>
+  void pass1_keep(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T* keep) const {
+    if (in_grad(i) != nullptr) {
+      pass1_impl<2, UNSCALE>(i, lo, hi, s, nullptr);
+    } else if (keep != nullptr) {
+      pass1_impl<1, UNSCALE>(i, lo, hi, s, keep);
+    } else {
+      pass1_impl<0, UNSCALE>(i, lo, hi, s, nullptr);
     }
   }
 
   // KEEP 0: u is not kept; 1: u of [lo, hi) goes to keep[0, hi - lo); 2: u replaces g.
-  template <int KEEP>
+  template <int KEEP, bool UNSCALE>
   void pass1_impl(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T* __restrict keep) const {
     T* __restrict x = static_cast<T*>(a.x[i]);
     const void* g = a.g[i];
@@ -206,13 +234,14 @@ struct Lamb {
     const LambCoef<T> k = coef[i];
     const T b1 = this->b1, c1 = this->c1, b2 = this->b2, c2 = this->c2, eps = this->eps, wd = this->wd, gs = this->gs;
     const T er = this->er;
+    const T un = T(a.grad_unscale);
     const T sh = this->sh;  // 1, or 1 - lr * lambda: x as the ratio sees it is x * sh (exact when 1)
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
       const int64_t j1 = std::min(hi, j0 + kBlock);
       T sw = 0, su = 0;
 #pragma omp simd reduction(+ : sw, su)
       for (int64_t j = j0; j < j1; ++j) {
-        const T gj = GradLoad<T, G>::at(g, j) * gs;
+        const T gj = pass1_grad<T, G, UNSCALE>(g, j, un) * gs;
         const T mj = std::fma(gj, c1, m[j] * b1);  // ATen's add(alpha=) is a fused multiply-add
         const T vj = v[j] * b2 + (c2 * gj) * gj;
         m[j] = mj;
@@ -296,17 +325,26 @@ struct LarsPaper {
   T* in_grad(int64_t) const { return nullptr; }
 
   void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
+    if (unscaling(a, G)) {
+      pass1_impl<true>(i, lo, hi, s);
+    } else {
+      pass1_impl<false>(i, lo, hi, s);
+    }
+  }
+
+  template <bool UNSCALE>
+  void pass1_impl(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
     const T* __restrict x = static_cast<const T*>(a.x[i]);
     const void* g = a.g[i];
     T* __restrict b = static_cast<T*>(a.s1[i]);
-    const T mom = this->mom, c = this->c, wd = this->wd, gs = this->gs;
+    const T mom = this->mom, c = this->c, wd = this->wd, gs = this->gs, un = T(a.grad_unscale);
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
       const int64_t j1 = std::min(hi, j0 + kBlock);
       T sw = 0, sd = 0;
 #pragma omp simd reduction(+ : sw, sd)
       for (int64_t j = j0; j < j1; ++j) {
         const T xj = x[j];
-        const T dj = std::fma(xj, wd, GradLoad<T, G>::at(g, j) * gs);
+        const T dj = std::fma(xj, wd, pass1_grad<T, G, UNSCALE>(g, j, un) * gs);
         const T bj = b[j] * mom + dj * c;
         b[j] = bj;
         const T nj = NEST ? bj * mom + dj * c : bj;
@@ -366,16 +404,25 @@ struct LarsClassic {
   T* in_grad(int64_t) const { return nullptr; }
 
   void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
+    if (unscaling(a, G)) {
+      pass1_impl<true>(i, lo, hi, s);
+    } else {
+      pass1_impl<false>(i, lo, hi, s);
+    }
+  }
+
+  template <bool UNSCALE>
+  void pass1_impl(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
     const T* __restrict x = static_cast<const T*>(a.x[i]);
     const void* g = a.g[i];
-    const T gs = this->gs, nwd = this->nwd;
+    const T gs = this->gs, nwd = this->nwd, un = T(a.grad_unscale);
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
       const int64_t j1 = std::min(hi, j0 + kBlock);
       T sw = 0, sg = 0;
 #pragma omp simd reduction(+ : sw, sg)
       for (int64_t j = j0; j < j1; ++j) {
         const T xj = x[j];
-        const T gj = std::fma(xj, nwd, GradLoad<T, G>::at(g, j) * gs);  // exactly g when nwd == 0
+        const T gj = std::fma(xj, nwd, pass1_grad<T, G, UNSCALE>(g, j, un) * gs);  // exactly g when nwd == 0
         sw += xj * xj;
         sg += gj * gj;
       }
@@ -672,7 +719,7 @@ int lb_step(const StepArgs* a) {
   return 0;
 }
 
-int lb_abi_version(void) { return 7; }
+int lb_abi_version(void) { return 8; }
 
 int lb_scalar_bytes(void) { return static_cast<int>(sizeof(LB_SCALAR)); }
 
