@@ -8,7 +8,9 @@ Method (the claim is about ratios measured in one run, since absolute times on s
 drift by 15-25% between runs):
 
 * Parameter sets of BERT shapes (:data:`SIZES`), float32, on CPU, all parameters in one group with
-  weight decay 0.01 and gradients drawn once; every implementation steps the same tensors.
+  weight decay 0.01 and gradients drawn once; every implementation steps the same tensors (the
+  ``update-in-grad`` rows replace the gradients with the update at each step and step on that from
+  the second step on: other finite values, none subnormal, so the same work).
 * Each implementation is built, warmed up (its state allocated, kernels built), timed for a block of
   steps and then deleted, in ``rounds`` rounds whose order rotates; the time is the median of all
   timed steps. Before every timed step the caches are flushed by reading a buffer larger than the
