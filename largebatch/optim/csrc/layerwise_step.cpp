@@ -312,25 +312,30 @@ struct Lamb {
 };
 
 // ------------------------------------------------------------------------------------------------
+// What both LARS modes share: pass 1 (D::pass1_impl) with or without unscaling, no kept u.
+template <typename D, typename T, int G>
+struct LarsBase {
+  static constexpr bool kKeeps = false;
+  T* in_grad(int64_t) const { return nullptr; }
+
+  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
+    const D& d = static_cast<const D&>(*this);
+    if (unscaling(d.a, G)) {
+      d.template pass1_impl<true>(i, lo, hi, s);
+    } else {
+      d.template pass1_impl<false>(i, lo, hi, s);
+    }
+  }
+};
+
 // LARS, "paper" mode: d = g + wd x; b = mom b + (1 - mom) d; n = b or mom b + (1 - mom) d.
 template <typename T, int G, bool NEST>
-struct LarsPaper {
+struct LarsPaper : LarsBase<LarsPaper<T, G, NEST>, T, G> {
   const StepArgs& a;
   T mom, c, wd, gs;
 
   explicit LarsPaper(const StepArgs& args)
       : a(args), mom(T(args.beta1)), c(T(1.0 - args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)) {}
-
-  static constexpr bool kKeeps = false;
-  T* in_grad(int64_t) const { return nullptr; }
-
-  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
-    if (unscaling(a, G)) {
-      pass1_impl<true>(i, lo, hi, s);
-    } else {
-      pass1_impl<false>(i, lo, hi, s);
-    }
-  }
 
   template <bool UNSCALE>
   void pass1_impl(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
@@ -393,23 +398,12 @@ struct LarsPaper {
 // x -= lr (b or d + mom b). With lr_in_momentum: d is multiplied by lr before the buffer and x -= b
 // (or d + mom b); multiplying by 1 and by -1 instead keeps the default bit-identical.
 template <typename T, int G, bool NEST>
-struct LarsClassic {
+struct LarsClassic : LarsBase<LarsClassic<T, G, NEST>, T, G> {
   const StepArgs& a;
   T mom, wd, gs, nwd;
 
   explicit LarsClassic(const StepArgs& args)
       : a(args), mom(T(args.beta1)), wd(T(args.weight_decay)), gs(T(args.grad_scale)), nwd(T(args.norm_wd)) {}
-
-  static constexpr bool kKeeps = false;
-  T* in_grad(int64_t) const { return nullptr; }
-
-  void pass1(int64_t i, int64_t lo, int64_t hi, Sums<T>& s, T*) const {
-    if (unscaling(a, G)) {
-      pass1_impl<true>(i, lo, hi, s);
-    } else {
-      pass1_impl<false>(i, lo, hi, s);
-    }
-  }
 
   template <bool UNSCALE>
   void pass1_impl(int64_t i, int64_t lo, int64_t hi, Sums<T>& s) const {
