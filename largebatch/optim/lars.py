@@ -241,13 +241,15 @@ def lars(
     """Functional LARS step, in place. Returns (weight norms, direction norms, ratios) per tensor.
 
     The "direction norm" is ||n_t|| in "paper" mode and, in "classic" mode, ||g_t|| (||g_t +
-    weight_decay * x_t|| with denominator="combined").
+    weight_decay * x_t|| with denominator="combined"). ``ok``, ``grad_scale``, ``unscale`` and
+    ``reduce`` are as in :func:`largebatch.optim.lamb.lamb`.
     """
     return run(
         _lars_impl(fused=fused, foreach=foreach)(
             params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
             trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, mode=mode, clip=clip,
-            denominator=denominator, lr_in_momentum=lr_in_momentum, phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale, unscale=unscale, reduce=reduce,
+            denominator=denominator, lr_in_momentum=lr_in_momentum, phi=phi, adapt=adapt, ok=ok, grad_scale=grad_scale,
+            unscale=unscale, reduce=reduce,
         )
     )  # fmt: skip
 
