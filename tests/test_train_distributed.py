@@ -91,3 +91,20 @@ def test_killed_rank_fails_cleanly_and_resumes(tmp_path):
     assert a["step"] == b["step"] == 128
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_train_command_destroys_its_process_group(tmp_path, monkeypatch):
+    """`largebatch train` under torchrun's variables (one rank, in this process) destroys the process
+    group it created before returning: a gloo group left alive at exit can abort the process in its
+    worker threads ("terminate called without an active exception")."""
+    import socket
+
+    from largebatch.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    assert main(_args(tmp_path / "one", batch=256)[2:]) == 0
+    assert not torch.distributed.is_initialized()

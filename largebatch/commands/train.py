@@ -75,6 +75,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from largebatch import distributed
     from largebatch.train.loop import fit
 
     try:
@@ -82,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad options or data: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun: a process that exits with its gloo group alive can abort in the group's
+        # worker threads during interpreter shutdown ("terminate called without an active exception").
+        distributed.cleanup()
     if result.world_size > 1 and not result.final:
         return 0  # non-main ranks print nothing
     final = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())

@@ -216,6 +216,9 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     With ``config.out_dir`` set, the run writes ``checkpoint.pt`` (atomically), ``metrics.jsonl``
     and ``result.json`` there, and resumes from the checkpoint when ``config.resume`` is True. A
     finished run in ``out_dir`` is returned as it is, never overwritten.
+
+    Under torchrun it initialises the default process group (or reuses one); call
+    :func:`largebatch.distributed.cleanup` before the process exits, as ``largebatch train`` does.
     """
     config.validate()
     # torchrun's environment -> DDP (gloo on CPU, nccl on cuda:LOCAL_RANK); otherwise one process
