@@ -250,7 +250,7 @@ class LayerwiseOptimizer(Optimizer):
         ``1 / scale`` (computed as ``GradScaler.unscale_`` does) inside the update, and a step with
         ``found_inf`` is skipped under every ``nonfinite`` policy and counted in ``skipped_steps``
         (overflow is how the scaler finds its scale); the optimizer's own non-finite check, which
-        the scaler has done, is not repeated. Nothing is read on the host.
+        the scaler has done, is not repeated. No device tensor is read on the host.
         """
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
