@@ -47,6 +47,9 @@ CASES = [
     (Lamb, dict(update_in_grad=True)),
     (Lars, dict()),
     (Lars, dict(mode="classic", max_grad_norm=0.5)),
+    # one shard: the identity stands for the all-reduce (the kernel's two-stage path)
+    (Lamb, dict(norm_reducer=lambda sq: sq, update_in_grad=True, nesterov="both")),
+    (Lars, dict(norm_reducer=lambda sq: sq, mode="classic", nesterov=True)),
 ]
 
 
