@@ -105,6 +105,15 @@ def _int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _finite_number(value: Any, low: float | None = None, high: float | None = None, low_open: bool = False) -> bool:
+    """``value`` is an int or float (not a bool, not a string), finite, and in the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if low is not None and not (value > low if low_open else value >= low):
+        return False
+    return high is None or value <= high
+
+
 def _real(
     name: str,
     value: Any,
@@ -120,12 +129,7 @@ def _real(
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a real number {allowed}, got {value!r}") from None
     value = float(value)
-    ok = math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
+    if not _finite_number(value, low, high, low_open):
         raise ValueError(f"{name} must be a real number {allowed}, got {value!r}")
     return value
 

@@ -61,7 +61,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from largebatch.schedules import _int
+from largebatch.schedules import _finite_number, _int
 from largebatch.study.grids import resolve_grid
 from largebatch.study.store import DONE, ResultStore, code_version, environment, python_command, run_key
 
@@ -93,8 +93,7 @@ def _ints(name: str, value: Any, minimum: int, empty: bool = False) -> tuple[int
 
 def _number(name: str, value: Any, minimum: float = 0.0, positive: bool = False) -> float:
     """A finite number >= ``minimum`` (> 0 with ``positive``); strings and bools are refused."""
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if bad or value < minimum or (positive and value <= 0):
+    if not _finite_number(value, low=minimum, low_open=positive):
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else f'>= {minimum:g}'}, got {value!r}")
     return float(value)
 

@@ -25,15 +25,11 @@ from torch import nn
 from largebatch import distributed
 from largebatch.optim import create_optimizer, param_groups
 from largebatch.optim.registry import OPTIMIZERS, check_optimizer_options
-from largebatch.schedules import Recipe, ScheduleLR
+from largebatch.schedules import Recipe, ScheduleLR, _finite_number
 from largebatch.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.task import Task
 
 PRECISIONS = ("fp32", "bf16", "fp64")
-
-
-def _positive_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -104,16 +100,15 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be >= 0 (0 = off)")
-        if self.lr is not None and not _positive_finite(self.lr):
+        if self.lr is not None and not _finite_number(self.lr, low=0, low_open=True):
             raise ValueError(f"Invalid lr: {self.lr!r}; it must be a finite number > 0, or None (derived from base_lr by the recipe)")
         if self.base_batch is not None and (not isinstance(self.base_batch, int) or isinstance(self.base_batch, bool) or self.base_batch < 1):
             raise ValueError(f"Invalid base_batch: {self.base_batch!r}; it must be None (= batch_size) or a positive integer")
-        if self.max_grad_norm is not None and not _positive_finite(self.max_grad_norm):
+        if self.max_grad_norm is not None and not _finite_number(self.max_grad_norm, low=0, low_open=True):
             raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm!r}; it must be None (no clipping) or a finite number > 0")
-        if not _positive_finite(self.base_lr):
+        if not _finite_number(self.base_lr, low=0, low_open=True):
             raise ValueError(f"Invalid base_lr: {self.base_lr!r}; it must be a finite number > 0")
-        if not (isinstance(self.weight_decay, (int, float)) and not isinstance(self.weight_decay, bool)
-                and math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # fmt: skip
+        if not _finite_number(self.weight_decay, low=0):
             raise ValueError(f"Invalid weight_decay: {self.weight_decay!r}; it must be a finite number >= 0")
         self.recipe()  # rule, warmup, decay: checked by the recipe itself, before any data is loaded
         from largebatch.train.tasks import _BUILTIN, task_options
