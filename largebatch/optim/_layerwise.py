@@ -128,9 +128,9 @@ class LayerwiseOptimizer(Optimizer):
         raise NotImplementedError
 
     @staticmethod
-    def _check_grads(group: dict, xs: list[Tensor], grads: list[Tensor]) -> None:
-        """Raise ValueError if the group's options cannot take these gradients of the tensors ``xs``
-        (masters of 16-bit parameters, local shards); called for every group before anything changes."""
+    def _check_grads(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+        """Raise ValueError if the group's options cannot take these gradients (of the parameters,
+        or of their float32 masters in ``states``); called for every group before anything changes."""
 
     def _update(self, group: dict, xs, grads, states, ok, grad_scale, unscale, use_foreach: bool):  # pragma: no cover
         """The update of one bucket: (weight norms, update norms, trust ratios), or with a norm
@@ -194,7 +194,7 @@ class LayerwiseOptimizer(Optimizer):
         self.telemetry.clear()
         gathered = [self._gather(g) for g in self.param_groups]
         for group, (params, grads, states) in zip(self.param_groups, gathered):
-            self._check_grads(group, [local_tensor(s.get("master", p)) for p, s in zip(params, states)], grads)
+            self._check_grads(group, params, grads, states)
 
         grad_scale = None
         global_ok = None

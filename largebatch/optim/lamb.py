@@ -203,10 +203,11 @@ class Lamb(LayerwiseOptimizer):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r}; it must be True or False")
 
     @staticmethod
-    def _check_grads(group: dict, xs: list[Tensor], grads: list[Tensor]) -> None:
+    def _check_grads(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
         if not group["update_in_grad"]:
             return
-        for x, g in zip(xs, grads):
+        for p, g, s in zip(params, grads, states):
+            x = s.get("master", p)  # the tensor updated
             if g.dtype != x.dtype:
                 raise ValueError(
                     f"Lamb(update_in_grad=True) writes the update into the gradients, so they must have the "
