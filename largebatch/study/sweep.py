@@ -83,9 +83,12 @@ _NOISE_KEYS = {"labels", "batch_sizes", "b_small", "b_big", "batches", "untuned_
 
 def _ints(name: str, value: Any, minimum: int, empty: bool = False) -> tuple[int, ...]:
     """A list of integers >= ``minimum`` (a TOML float such as 32.5 or a bool is refused, not cast)."""
-    ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
-    if not ok:
-        raise ValueError(f"{name} must be a list of integers >= {minimum}, got {value!r}")
+    try:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        value = [_int(name, v, minimum) for v in value]
+    except ValueError:
+        raise ValueError(f"{name} must be a list of integers >= {minimum}, got {value!r}") from None
     if not value and not empty:
         raise ValueError(f"{name} must not be empty")
     return tuple(value)
