@@ -210,6 +210,7 @@ def test_torch_backend_compiled_matches_reference(cls, kw, torch_backend, monkey
     torch._dynamo.reset()
     monkeypatch.setattr(_fused, "_COMPILE_ON_CPU", True)
     monkeypatch.setattr(_fused, "_compiled_passes", {})
+    monkeypatch.setattr(_fused, "_CHUNK", 3)  # graphs over 3 tensors and over 1
     run_pair(cls, dict(lr=0.05, weight_decay=0.01) | kw, F32, dict(fused=True), steps=4, nonfinite_step=2)
     assert _fused._compiled_passes  # the compiled form was used
 
@@ -237,10 +238,49 @@ def test_non_cpu_tensors_use_the_torch_backend_without_host_syncs():
             nesterov=True, mode=mode, clip=True, denominator="combined" if mode == "classic" else "sum",
             lr_in_momentum=mode == "classic", phi=None, adapt=True, ok=ok, grad_scale=scale, reduce=None,
         ))  # fmt: skip
-    # on a GPU the passes are compiled (lazily: nothing is compiled until called)
-    compiled = _fused._pass("_lamb_pass1", torch.device("cuda"))
-    assert compiled is not _fused._lamb_pass1
-    _fused._compiled_passes.clear()
+    assert not _fused._compiled_passes  # nothing compiled for the meta device
+
+
+def test_accelerators_run_each_pass_compiled_over_chunks_of_tensors(monkeypatch):
+    """On a GPU each pass is one compiled call per ``_CHUNK`` tensors (the remainder one at a time,
+    so a bucket needs at most two graphs), and the chunked calls give what one call over all does."""
+    calls, compiled = [], []
+
+    def fake_compile(fn, **kw):
+        compiled.append((fn.__code__.co_name, kw))
+
+        def counted(lists, stacked, shared):
+            calls.append(len(lists[0]))
+            return fn(lists, stacked, shared)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(_fused, "_compiled_passes", {})
+    monkeypatch.setattr(_fused, "_CHUNK", 4)
+    torch.manual_seed(0)
+    xs = [torch.randn(s) for s in (3, 5, 1, 8, 2, 7, 4, 6, 9, 2)]
+    gs = [torch.randn_like(x) for x in xs]
+    shared = (None, None, 0.5)
+    sums = _fused._run_pass("_lars_classic_pass1", torch.device("cuda"), [xs, gs], (), shared)
+    assert calls == [4, 4, 1, 1]
+    assert compiled == [("_lars_classic_pass1_many", dict(dynamic=True, fullgraph=True))]
+    want = torch.stack([torch.stack([(x * x).sum(), ((g + 0.5 * x) ** 2).sum()]) for x, g in zip(xs, gs)])
+    torch.testing.assert_close(sums, want.double())  # squared sums are accumulated in float64
+    assert torch.equal(sums, _fused._MANY["_lars_classic_pass1"]([xs, gs], (), shared))
+    # a pass that returns nothing, with per-tensor scalars (stacked) sliced along with the chunks
+    bs = [torch.randn_like(x) for x in xs]
+    ratio = torch.rand(len(xs))
+    x2, b2 = [x.clone() for x in xs], [b.clone() for b in bs]
+    shared = (None, None, 0.1, 0.9, 0.01, True, False)
+    calls.clear()
+    assert _fused._run_pass("_lars_classic_pass2", torch.device("cuda"), [xs, gs, bs], [ratio], shared) is None
+    assert calls == [4, 4, 1, 1]
+    _fused._MANY["_lars_classic_pass2"]([x2, gs, b2], [ratio], shared)
+    for a, b in zip(xs + bs, x2 + b2):
+        assert torch.equal(a, b)
+    # every pass is a code object of its own (torch.compile caches and limits recompiles per code object)
+    assert len({f.__code__ for f in _fused._MANY.values()}) == len(_fused._PASSES)
 
 
 @needs_kernel

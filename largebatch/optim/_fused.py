@@ -15,8 +15,9 @@ Two backends implement the same passes with the semantics of ``_multi_tensor_lam
   ``grad_scale`` of CPU tensors are read on the host, which costs no device synchronisation.
   ``LARGEBATCH_FUSED_CPU=0`` turns it off; ``CXX`` chooses the compiler.
 * Any other device, and CPU under ``torch.compile``: the passes written once as torch functions
-  (``_lamb_pass1`` ...), compiled per tensor with ``torch.compile`` (Inductor emits Triton on GPUs)
-  or traced into the caller's graph. Every per-tensor scalar stays in a tensor: no host sync.
+  (``_lamb_pass1`` ...), compiled with ``torch.compile`` (Inductor emits Triton on GPUs) over
+  chunks of ``_CHUNK`` tensors per call, or traced into the caller's graph. Every per-tensor
+  scalar stays in a tensor: no host sync.
 
 Where neither backend applies (no compiler, non-contiguous CPU tensors, 16-bit parameters without
 master weights), ``fused_available`` answers False and the optimizers use the multi-tensor path;
@@ -29,6 +30,7 @@ pass at memory speed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -525,7 +527,8 @@ def _lars_ratio(w_norm, d_norm, *, lr, weight_decay, trust_coefficient, eps, mod
 
 # -- the torch-function backend (GPUs; CPU under torch.compile) ---------------------------------
 # The passes below are the same element formulas as the CPU kernel, one tensor per call. On a GPU
-# each is compiled once with dynamic shapes (one pass = one kernel); under an enclosing
+# they are compiled with dynamic shapes over chunks of tensors (one call per chunk: a compiled call
+# costs tens of microseconds on the host, benchmarks/host_overhead.py); under an enclosing
 # torch.compile they are traced into the caller's graph. Skipping is arithmetic: the gradient is
 # zeroed and every write is a torch.where(ok, new, old), so nothing is read on the host.
 
@@ -577,7 +580,7 @@ def _lamb_pass1(x, g, m, v, coef, ok, grad_scale, beta1: float, beta3: float, be
     return torch.stack([_sq_sum(x), _sq_sum(u)])
 
 
-def _lamb_pass2(x, g, m, v, coef, ok, grad_scale, scale, eps: float, eps_root: float, weight_decay: float,
+def _lamb_pass2(x, g, m, v, coef, scale, ok, grad_scale, eps: float, eps_root: float, weight_decay: float,
                 nesterov: int, shrink: float, stored: bool) -> None:  # fmt: skip
     xs = x * shrink if shrink != 1.0 else x
     if stored:  # u is in the gradient (it is the gradient itself where ok is False; x is kept there)
@@ -597,7 +600,7 @@ def _lars_paper_pass1(x, g, b, ok, grad_scale, momentum: float, weight_decay: fl
     return torch.stack([_sq_sum(x), _sq_sum(n)])
 
 
-def _lars_paper_pass2(x, g, b, ok, grad_scale, scale, momentum: float, weight_decay: float, nesterov: bool) -> None:
+def _lars_paper_pass2(x, g, b, scale, ok, grad_scale, momentum: float, weight_decay: float, nesterov: bool) -> None:
     n = b
     if nesterov:
         n = b * momentum + (_effective_grad(g, x.dtype, ok, grad_scale) + x * weight_decay) * (1 - momentum)
@@ -611,7 +614,7 @@ def _lars_classic_pass1(x, g, ok, grad_scale, norm_wd: float) -> Tensor:
     return torch.stack([_sq_sum(x), _sq_sum(g)])
 
 
-def _lars_classic_pass2(x, g, b, ok, grad_scale, ratio, lr: float, momentum: float, weight_decay: float,
+def _lars_classic_pass2(x, g, b, ratio, ok, grad_scale, lr: float, momentum: float, weight_decay: float,
                         nesterov: bool, lr_in_momentum: bool) -> None:  # fmt: skip
     d = (_effective_grad(g, x.dtype, ok, grad_scale) + x * weight_decay) * ratio
     if lr_in_momentum:
@@ -627,18 +630,52 @@ _PASSES = {
     f.__name__: f
     for f in (_lamb_pass1, _lamb_pass2, _lars_paper_pass1, _lars_paper_pass2, _lars_classic_pass1, _lars_classic_pass2)
 }
-_compiled_passes: dict[str, object] = {}
+_CHUNK = 16  # tensors per compiled call: one call per tensor would cost more on the host than on a GPU
 _COMPILE_ON_CPU = False  # compile the passes for CPU tensors too (tests use this to check the compiled form)
 
 
-def _pass(name: str, device: torch.device):
-    """The pass as called on ``device``: compiled on accelerators, plain (traceable) elsewhere."""
+def _over_tensors(fn):
+    """``fn`` applied to every tensor of a chunk in one call: ``many(lists, stacked, shared)`` calls
+    ``fn(*lists[:][i], *stacked[:][i], *shared)`` for each i and stacks what it returns (None if nothing)."""
+
+    def many(lists, stacked, shared):
+        out = [fn(*ts, *[s[i] for s in stacked], *shared) for i, ts in enumerate(zip(*lists))]
+        return None if out[0] is None else torch.stack(out)
+
+    # a code object of its own per pass: torch.compile caches (and limits recompilations) per code object
+    many.__code__ = many.__code__.replace(co_name=fn.__name__ + "_many")
+    return many
+
+
+_MANY = {name: _over_tensors(f) for name, f in _PASSES.items()}
+_compiled_passes: dict[str, object] = {}
+
+
+def _no_duck_shapes():
+    """Sizes that happen to be equal get symbols of their own: a chunk whose tensors' sizes match in
+    another pattern then needs no new graph (torch's private switch; without it, only more graphs)."""
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # pragma: no cover - older or newer torch
+        return contextlib.nullcontext()
+    return _config.patch(use_duck_shape=False) if hasattr(_config, "use_duck_shape") else contextlib.nullcontext()
+
+
+def _run_pass(name: str, device: torch.device, lists: list[list[Tensor]], stacked=(), shared=()):
+    """The pass ``name`` over every tensor (see :func:`_over_tensors`): on accelerators compiled with
+    dynamic shapes, ``_CHUNK`` tensors per call (the last ones one at a time, so that a bucket needs at
+    most two graphs); plain torch functions (traced into the caller's graph) under torch.compile, on
+    the CPU and on the meta device. Returns the stacked per-tensor results, or None."""
     if torch.compiler.is_compiling() or device.type == "meta" or (device.type == "cpu" and not _COMPILE_ON_CPU):
-        return _PASSES[name]
+        return _MANY[name](lists, stacked, shared)
     fn = _compiled_passes.get(name)
     if fn is None:
-        fn = _compiled_passes[name] = torch.compile(_PASSES[name], dynamic=True, fullgraph=True)
-    return fn
+        fn = _compiled_passes[name] = torch.compile(_MANY[name], dynamic=True, fullgraph=True)
+    n, full = len(lists[0]), len(lists[0]) - len(lists[0]) % _CHUNK
+    bounds = [(i, i + _CHUNK) for i in range(0, full, _CHUNK)] + [(i, i + 1) for i in range(full, n)]
+    with _no_duck_shapes():
+        out = [fn([t[a:b] for t in lists], [s[a:b] for s in stacked], shared) for a, b in bounds]
+    return None if out[0] is None else torch.cat(out)
 
 
 def _flat(*lists: list[Tensor]) -> list[list[Tensor]]:
@@ -670,9 +707,9 @@ def _lamb_coefficients(steps, dt, beta1, beta3, beta2, bias_correction, nesterov
     return torch.stack([am, ag, bv, bg], dim=1).to(dt)
 
 
-def _stacked_sums(sums: list[Tensor]) -> Tensor:
-    """[(w_sq, d_sq) per tensor] -> [w_sq..., d_sq...]: the layout that ``reduce`` receives."""
-    return torch.stack(sums, dim=1).reshape(-1)
+def _stacked_sums(sums: Tensor) -> Tensor:
+    """[n, 2] rows of (w_sq, d_sq) per tensor -> [w_sq..., d_sq...]: the layout that ``reduce`` receives."""
+    return sums.t().reshape(-1)
 
 
 def _torch_lamb(
@@ -691,19 +728,15 @@ def _torch_lamb(
     coef = _lamb_coefficients(steps, dt, beta1, beta3, beta2, bias_correction, nesterov)
     gs = None if grad_scale is None else grad_scale.to(dt)
     nest = {None: 0, "first": 1, "both": 2}[nesterov]
-    pass1, pass2 = _pass("_lamb_pass1", device), _pass("_lamb_pass2", device)
     flat = _flat(params, grads, exp_avgs, exp_avg_sqs)
-    sums = [
-        pass1(x, g, m, v, coef[i], ok, gs, beta1, beta3, beta2, eps, eps_root, weight_decay, nest, shrink, update_in_grad)
-        for i, (x, g, m, v) in enumerate(zip(*flat))
-    ]
+    shared = (ok, gs, beta1, beta3, beta2, eps, eps_root, weight_decay, nest, shrink, update_in_grad)
+    sums = _run_pass("_lamb_pass1", device, flat, [coef], shared)
 
     def pass2_all(sq: Tensor):
         w_norm, u_norm = sq.sqrt().to(dt).chunk(2)
         ratio = _lamb_ratio(w_norm, u_norm, adapt, phi, trust_clip)
-        scale = -lr * ratio
-        for i, (x, g, m, v) in enumerate(zip(*flat)):
-            pass2(x, g, m, v, coef[i], ok, gs, scale[i], eps, eps_root, weight_decay, nest, shrink, update_in_grad)
+        shared = (ok, gs, eps, eps_root, weight_decay, nest, shrink, update_in_grad)
+        _run_pass("_lamb_pass2", device, flat, [coef, -lr * ratio], shared)
         return w_norm, u_norm, ratio
 
     from largebatch.optim._common import with_global_sums
@@ -720,12 +753,10 @@ def _torch_lars(
     gs = None if grad_scale is None else grad_scale.to(dt)
     flat = _flat(params, grads, momentum_buffers)
     if mode == "paper":
-        pass1 = _pass("_lars_paper_pass1", device)
-        sums = [pass1(x, g, b, ok, gs, momentum, weight_decay, nesterov) for x, g, b in zip(*flat)]
+        sums = _run_pass("_lars_paper_pass1", device, flat, (), (ok, gs, momentum, weight_decay, nesterov))
     else:
-        pass1 = _pass("_lars_classic_pass1", device)
         norm_wd = weight_decay if denominator == "combined" else 0.0
-        sums = [pass1(x, g, ok, gs, norm_wd) for x, g, _ in zip(*flat)]
+        sums = _run_pass("_lars_classic_pass1", device, flat[:2], (), (ok, gs, norm_wd))
 
     def pass2_all(sq: Tensor):
         w_norm, d_norm = sq.sqrt().to(dt).chunk(2)
@@ -734,14 +765,10 @@ def _torch_lars(
             mode=mode, clip=clip, denominator=denominator, phi=phi, adapt=adapt,
         )  # fmt: skip
         if mode == "paper":
-            pass2 = _pass("_lars_paper_pass2", device)
-            scale = -lr * ratio
-            for i, (x, g, b) in enumerate(zip(*flat)):
-                pass2(x, g, b, ok, gs, scale[i], momentum, weight_decay, nesterov)
+            _run_pass("_lars_paper_pass2", device, flat, [-lr * ratio], (ok, gs, momentum, weight_decay, nesterov))
         else:
-            pass2 = _pass("_lars_classic_pass2", device)
-            for i, (x, g, b) in enumerate(zip(*flat)):
-                pass2(x, g, b, ok, gs, ratio[i], lr, momentum, weight_decay, nesterov, lr_in_momentum)
+            shared = (ok, gs, lr, momentum, weight_decay, nesterov, lr_in_momentum)
+            _run_pass("_lars_classic_pass2", device, flat, [ratio], shared)
         return w_norm, d_norm, ratio
 
     from largebatch.optim._common import with_global_sums
