@@ -442,6 +442,60 @@ def test_state_dict_round_trip_is_bit_identical(foreach):
         assert torch.equal(x, y)
 
 
+def test_skipped_steps_survive_a_state_dict_round_trip():
+    p = torch.nn.Parameter(torch.randn(3, dtype=F64))
+    opt = Lamb([p], lr=0.1)
+    p.grad = torch.tensor([1.0, float("inf"), 0.0], dtype=F64)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    fresh = Lamb([p], lr=0.1)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert int(fresh.skipped_steps) == 1
+    fresh.step()  # the same non-finite gradient: counted on top of the saved count
+    assert int(fresh.skipped_steps) == 2
+    old = opt.state_dict()
+    del old["skipped_steps"]  # as written before the count was saved
+    fresh.load_state_dict(old)
+    assert int(fresh.skipped_steps) == 2
+
+
+def test_a_state_dict_of_other_parameters_is_refused_before_anything_changes():
+    """torch.optim would load it and fail at the next step with a broadcasting error."""
+    a = torch.nn.Parameter(torch.randn(2, 3, dtype=F64))
+    a.grad = torch.randn(2, 3, dtype=F64)
+    src = Lamb([a], lr=0.1)
+    src.step()
+    b = torch.nn.Parameter(torch.randn(3, 2, dtype=F64))  # as many elements, another shape
+    b.grad = torch.randn(3, 2, dtype=F64)
+    dst = Lamb([b], lr=0.5)
+    with pytest.raises(ValueError, match=r"parameter 0 has shape \(3, 2\) but its saved 'exp_avg' has shape \(2, 3\)"):
+        dst.load_state_dict(src.state_dict())
+    assert dst.param_groups[0]["lr"] == 0.5 and not dst.state  # nothing was loaded
+    from largebatch import Lars
+
+    lars = Lars([a], lr=0.1)
+    lars.step()
+    with pytest.raises(ValueError, match=r"without \['step', 'exp_avg', 'exp_avg_sq'\].*another optimizer"):
+        Lamb([a], lr=0.1).load_state_dict(lars.state_dict())
+    with pytest.raises(ValueError, match="'state' and 'param_groups'"):
+        Lamb([a], lr=0.1).load_state_dict({"param_groups": []})
+
+
+def test_nonfinite_raise_with_clipping_names_the_group_at_fault():
+    """With max_grad_norm the check is the global norm; the message still names the bad group."""
+    p, q = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    p.grad, q.grad = torch.ones(3), torch.tensor([1.0, float("nan")])
+    opt = Lamb([{"params": [p]}, {"params": [q]}], nonfinite="raise", max_grad_norm=1.0)
+    with pytest.raises(FloatingPointError, match="non-finite gradient in parameter group 1 "):
+        opt.step()
+    q.grad = torch.tensor([3e38, 3e38])  # finite, but the squared norm overflows float32
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm .*the norm overflowed"):
+        opt.step()
+    assert all(not opt.state[x] or int(opt.state[x]["step"]) == 0 for x in (p, q))
+
+
 def test_a_state_dict_without_a_newer_option_loads_with_its_default():
     p = torch.nn.Parameter(torch.randn(3, dtype=F64))
     p.grad = torch.randn(3, dtype=F64)

@@ -79,14 +79,25 @@ class LayerwiseOptimizer(Optimizer):
         self.skipped_steps = torch.zeros((), dtype=torch.int64)
         self.last_grad_norm: Tensor | None = None
 
+    def state_dict(self) -> dict:
+        """torch.optim's state dict, plus ``skipped_steps`` (the count continues after a resume)."""
+        state_dict = super().state_dict()
+        state_dict["skipped_steps"] = self.skipped_steps.detach().clone()
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's loader, then state restored in the dtype our step keeps it in.
 
         torch.optim casts every floating state entry to its parameter's dtype, which would turn the
         float32 moments and master weights of a bfloat16 parameter into bfloat16 on every resume.
         Options that a saved group does not have (it predates them) take the constructor's value.
+        A saved state that does not fit the parameters (another model's shapes, another optimizer's
+        entries) is refused before anything changes; torch.optim would only fail at the next step.
         """
+        self._check_saved_state(state_dict)
         super().load_state_dict(state_dict)
+        if "skipped_steps" in state_dict:  # absent from state dicts written before it was saved
+            self.skipped_steps = torch.as_tensor(state_dict["skipped_steps"], dtype=torch.int64).detach().clone()
         for group in self.param_groups:
             resolved = self._resolve_group(group, self.defaults)
             for key, value in self.defaults.items():
@@ -100,6 +111,31 @@ class LayerwiseOptimizer(Optimizer):
             for k, v in saved.items():
                 if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
                     self.state[p][k] = v.to(device=p.device, dtype=compute_dtype(p), copy=True)
+
+    def _check_saved_state(self, state_dict: dict) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (from state_dict())")
+        saved_ids = [i for g in state_dict["param_groups"] for i in g.get("params", ())]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            return  # torch.optim's loader says which group does not match
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            missing = [k for k in self._STATE_KEYS if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: the saved state of parameter {index} has {sorted(saved)}, without "
+                    f"{missing}; a {name} state has {list(self._STATE_KEYS)} (was it saved by another optimizer?)"
+                )
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"{name}.load_state_dict: parameter {index} has shape {tuple(p.shape)} but its saved "
+                        f"{key!r} has shape {tuple(value.shape)}; the state dict belongs to other parameters"
+                    )
 
     def add_param_group(self, param_group: dict) -> None:
         """torch.optim's add_param_group, then the group (defaults filled in) is validated."""
@@ -120,6 +156,8 @@ class LayerwiseOptimizer(Optimizer):
         return group
 
     # -- per-subclass hooks -------------------------------------------------------------------
+    _STATE_KEYS: tuple[str, ...] = ()  # the entries _init_state creates (checked when a state dict is loaded)
+
     @staticmethod
     def _check_group(group: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -219,9 +257,15 @@ class LayerwiseOptimizer(Optimizer):
         if self.nonfinite == "raise" and amp_ok is None:  # documented: this policy syncs; checked before anything changes
             for i, _, _, ok in active:
                 if not bool(ok):
+                    what = f"non-finite gradient in parameter group {i}"
+                    if global_ok is not None:  # the clipping norm covers every group: name the one at fault
+                        bad = [j for j, (_, grads, _) in enumerate(gathered) if grads and not bool(all_finite(grads))]
+                        what = (f"non-finite gradient in parameter group {bad[0]}" if bad else
+                                "non-finite gradient norm (this process's gradients are finite: the norm "
+                                "overflowed, or another rank's gradients are not)")  # fmt: skip
                     raise FloatingPointError(
-                        f"{type(self).__name__}: non-finite gradient in parameter group {i} "
-                        f"(nonfinite='raise'); nothing was updated. Use nonfinite='skip' to skip such steps instead"
+                        f"{type(self).__name__}: {what} (nonfinite='raise'); nothing was updated. "
+                        "Use nonfinite='skip' to skip such steps instead"
                     )
         # Each group's update returns its result, or (sharded parameters) a request for its global
         # squared sums: running them together answers the requests of all groups with ONE collective.

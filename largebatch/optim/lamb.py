@@ -215,6 +215,8 @@ class Lamb(LayerwiseOptimizer):
                     f"weights of a 16-bit parameter) cannot hold it; use update_in_grad=False for this group"
                 )
 
+    _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
     def _init_state(self, p: Tensor, state: dict) -> None:
         dt = compute_dtype(p)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)

@@ -186,6 +186,8 @@ class Lars(LayerwiseOptimizer):
                     "(paper mode normalises the momentum)"
                 )
 
+    _STATE_KEYS = ("momentum_buffer",)
+
     def _init_state(self, p: Tensor, state: dict) -> None:
         state["momentum_buffer"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
 
