@@ -64,3 +64,18 @@ def test_groups_drive_lamb_adaptation_and_work_for_torch_optimizers():
     assert ratios[net.fc.weight]["trust_ratio"] != 1.0
     adamw = create_optimizer("adamw", param_groups(net, 0.01), lr=0.1)
     assert all("adapt" not in g for g in adamw.param_groups)
+
+
+def test_default_name_patterns_match_layer_names_not_parts_of_words():
+    """With ndim ignored (by_ndim=False) the patterns alone decide: short norm-layer names count
+    only as whole name components."""
+    from largebatch.optim.groups import is_excluded
+
+    w = torch.zeros(2, 2)
+    for name in ["bn1.weight", "layer1.0.bn2.weight", "bn.weight", "net.bn.weight", "h.0.ln_1.weight", "ln_f.weight",
+                 "transformer.ln_f.weight", "ln.weight", "blocks.3.ln.weight", "enc.LayerNorm.weight",
+                 "enc.layer_norm.weight", "x.batchnorm.weight", "final_norm.weight", "fc.bias"]:  # fmt: skip
+        assert is_excluded(name, w, by_ndim=False), name
+    for name in ["kiln_proj.weight", "model.bnb.weight", "encoder.bneck.weight", "unbn.weight", "kiln.weight",
+                 "fc.weight", "attn.c_proj.weight", "embed.weight"]:  # fmt: skip
+        assert not is_excluded(name, w, by_ndim=False), name

@@ -9,8 +9,13 @@ from collections.abc import Iterable
 from torch import nn
 
 # Name patterns (fnmatch, matched against the full parameter name, case-insensitive) of parameters
-# that are excluded by default: biases and the parameters of normalisation layers.
-DEFAULT_EXCLUDE_PATTERNS = ("*bias", "*layernorm*", "*layer_norm*", "*norm.weight", "*.bn*", "*batchnorm*", "*ln_*")
+# that are excluded by default: biases and the parameters of normalisation layers. Short layer
+# names (bn1, ln_f) match only as a whole name component ("layer1.0.bn1.weight", "h.0.ln_1.bias"),
+# not inside another word ("kiln_proj.weight", "bnb.weight").
+DEFAULT_EXCLUDE_PATTERNS = (
+    "*bias", "*layernorm*", "*layer_norm*", "*norm.weight", "*batchnorm*",
+    "bn.*", "*.bn.*", "bn[0-9]*", "*.bn[0-9]*", "ln.*", "*.ln.*", "ln_*", "*.ln_*",
+)  # fmt: skip
 
 
 def _model_no_weight_decay(model: nn.Module) -> set[str]:
