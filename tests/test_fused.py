@@ -409,6 +409,22 @@ def test_fused_all_finite():
     assert _fused.fused_all_finite([torch.zeros(3, dtype=torch.int64)]) is None
 
 
+def test_generic_all_finite_takes_huge_finite_values_as_finite(monkeypatch):
+    """The check used where the kernel's does not apply (GPUs, non-contiguous tensors): every
+    tensor's largest magnitude is tested, not their sum (which overflows), and float64 maxima are
+    not squeezed into float32."""
+    from largebatch.optim import _common
+
+    monkeypatch.setattr(_common, "fused_all_finite", lambda tensors: None)
+    big = torch.finfo(F32).max
+    xs = [torch.full((3,), big), torch.full((2,), -big), torch.ones(2, dtype=torch.bfloat16), torch.full((2,), 1e300, dtype=F64)]
+    assert bool(_common.all_finite(xs))
+    for i, bad in enumerate((float("nan"), float("inf"), float("nan"), -float("inf"))):
+        ys = [x.clone() for x in xs]
+        ys[i][1] = bad
+        assert not bool(_common.all_finite(ys))
+
+
 def test_availability():
     assert not _fused.fused_available([torch.zeros(3, dtype=torch.bfloat16)])
     assert not _fused.fused_available([torch.zeros(4, 4).t()])

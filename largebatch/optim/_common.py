@@ -210,8 +210,10 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     fast = fused_all_finite(tensors)  # one pass at memory speed on CPU tensors; None elsewhere
     if fast is not None:
         return fast
-    maxes = torch._foreach_norm(tensors, float("inf"))
-    return torch.isfinite(torch.stack([m.float() for m in maxes]).sum())
+    # the largest magnitude of each tensor, in a dtype that holds it (float64 values may exceed
+    # float32's range); all of them finite, not their sum, which may overflow
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=dt))).all()
 
 
 def global_grad_norm(grads: list[Tensor], reduce: SquaredSumReducer | None = None) -> Tensor:
