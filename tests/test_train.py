@@ -138,7 +138,8 @@ def test_lamb_skips_nonfinite_gradients_and_reports_them(tmp_path, mnist):
     task = get_task("mnist-lenet", **SUBSET)
     task._x["train"][:] = float("nan")  # every gradient is NaN
     cfg = TrainConfig(task="mnist-lenet", optimizer="lamb", batch_size=64, epochs=1, lr=0.01, max_steps=3,
-                      out_dir=str(tmp_path / "nan"), progress=False, log_every=1, diverge_patience=10)  # fmt: skip
+                      out_dir=str(tmp_path / "nan"), progress=False, log_every=1, diverge_patience=10,
+                      checkpoint_every=1)  # fmt: skip
     torch.manual_seed(0)
     model = task.build_model()
     before = _params(model)
@@ -147,6 +148,8 @@ def test_lamb_skips_nonfinite_gradients_and_reports_them(tmp_path, mnist):
     assert res.status == "stopped" and res.skipped_group_steps == 6
     assert [r["skipped_group_steps"] for r in res.history if r["split"] == "train"] == [2, 4, 6]
     assert json.loads((tmp_path / "nan" / "result.json").read_text())["skipped_group_steps"] == 6
+    # the weights are finite but the loss is not: no checkpoint is a good one
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
     for a, b in zip(before, _params(model)):
         assert torch.equal(a, b)
 
@@ -238,6 +241,46 @@ def test_cli_train_prints_summary_and_rejects_unknown_names(tmp_path):
     assert bad.returncode == 2 and "mnist-lenet" in bad.stderr
     bad = subprocess.run(base + ["--optimizer-option", "nosuch=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: Unknown option(s) nosuch") and "Traceback" not in bad.stderr
+
+
+def test_cli_refuses_bad_devices_folders_and_checkpoints_in_one_line(tmp_path, capsys, monkeypatch):
+    """Each of these was a traceback: the command prints one line and exits with 2, and nothing of
+    the user's (a file named as the output folder, a damaged checkpoint) is touched."""
+    from largebatch.cli import main
+
+    base = ["train", "--task-option", "train_subset=64", "--task-option", "eval_subset=32", "--no-progress",
+            "--batch-size", "32", "--max-steps", "1"]  # fmt: skip
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    finished = tmp_path / "finished"
+    assert main(base + ["--out-dir", str(finished)]) == 0
+    capsys.readouterr()
+    for extra, message in [
+        (["--device", "foo"], "Invalid device 'foo'"),
+        (["--device", "cuda:7"], "Invalid device 'cuda:7': this machine has"),
+        (["--out-dir", str(afile)], "it is a file, not a folder"),
+        (["--out-dir", str(damaged)], "cannot load checkpoint"),
+        (["--out-dir", str(finished), "--no-resume"], "already holds a run"),
+        (["--task-option", "seq_len=abc", "--task", "bert-mlm"], "seq_len must be an integer, got 'abc'"),
+        (["--task-option", "train_subset=1.5"], "train_subset must be a positive number of examples, got 1.5"),
+    ]:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert afile.read_text() == "mine" and (damaged / "checkpoint.pt").read_bytes() == b"PK\x03\x04 truncated"
+
+
+def test_cli_path_options_are_taken_as_written():
+    """A folder called 2024 or null stays a folder name; other values are JSON where they parse."""
+    from largebatch.commands.train import _kv
+
+    assert _kv("data_dir=2024") == ("data_dir", "2024") and _kv("data_dir=null") == ("data_dir", "null")
+    assert _kv("seq_len=64") == ("seq_len", 64) and _kv("eval_works=[1, 2]") == ("eval_works", [1, 2])
+    assert _kv("config=cfg.json") == ("config", "cfg.json") and _kv("config=7") == ("config", "7")
+    assert _kv('config={"hidden_size": 64}') == ("config", {"hidden_size": 64})
 
 
 def _write_tiny_cifar(folder: Path, n: int = 32) -> None:

@@ -10,14 +10,23 @@ from largebatch.optim.registry import OPTIMIZERS
 from largebatch.train.tasks import TASKS
 
 
+# task options whose values are file or folder names: taken as written (a folder may be called 2024 or null)
+_PATH_OPTIONS = {"data_dir"}
+
+
 def _kv(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE decoded as JSON where it is JSON (numbers, true, lists), else as text;
+    the values of path options stay text, and ``config`` is decoded only when it is a JSON object."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     k, v = text.split("=", 1)
+    if k in _PATH_OPTIONS:
+        return k, v
     try:
-        return k, json.loads(v)
+        value = json.loads(v)
     except json.JSONDecodeError:
         return k, v
+    return k, v if k == "config" and not isinstance(value, dict) else value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = fit(config_from_args(args))
-    except (ValueError, FileNotFoundError) as err:  # bad options or data: one line, no traceback
+    except (ValueError, OSError) as err:  # bad options, data or folders: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

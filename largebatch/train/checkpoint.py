@@ -40,11 +40,19 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint that cannot be loaded (damaged, truncated, or not one of ours)."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a foreign or damaged file: say which and why
-        raise RuntimeError(f"cannot load checkpoint {str(path)!r}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint {str(path)!r} ({first}); it was left as it is: move it away to start "
+            f"the run over, or use another output folder"
+        ) from exc
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

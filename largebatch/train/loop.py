@@ -176,7 +176,24 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name)
+
+
+def check_device(name: str) -> torch.device:
+    """``torch.device(name)`` if this machine has it, else a ValueError that says what it has."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"Invalid device {name!r}: {err}; e.g. auto, cpu, cuda, cuda:1") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    count = backend.device_count() if backend is not None and hasattr(backend, "device_count") else 0
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available or (device.index is not None and device.index >= count):
+        have = f"{count} {device.type} device(s)" if available else f"no {device.type} device"
+        raise ValueError(f"Invalid device {name!r}: this machine has {have} (torch {torch.__version__}); use auto or cpu")
+    return device
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -216,6 +233,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     :func:`largebatch.distributed.cleanup` before the process exits, as ``largebatch train`` does.
     """
     config.validate()
+    if config.device != "auto":
+        check_device(config.device)
     # torchrun's environment -> DDP (gloo on CPU, nccl on cuda:LOCAL_RANK); otherwise one process
     dist = distributed.init_from_env(device=None if config.device == "auto" else config.device)
     device = dist.device
@@ -234,10 +253,12 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
 
     out_dir = Path(config.out_dir) if config.out_dir else None
     ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
+    if out_dir and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"Invalid out_dir {str(out_dir)!r}: it is a file, not a folder")
     if out_dir and not config.resume and (ckpt_path.exists() or (out_dir / "result.json").exists()):
         raise FileExistsError(
-            f"{out_dir} already holds a run (checkpoint.pt/result.json); use resume=True to continue it, "
-            f"or another out_dir (nothing is overwritten)"
+            f"{out_dir} already holds a run (checkpoint.pt/result.json); continue it with resume=True "
+            f"(the CLI: leave out --no-resume), or use another out_dir (nothing is overwritten)"
         )
     if out_dir and dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,8 +334,12 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         return metrics
 
     def save(step: int, elapsed: float) -> None:
-        # non-finite weights are never written: the last checkpoint stays the last good one
-        if ckpt_path and dist.is_main and _all_finite(model.state_dict().values()):
+        # The last checkpoint stays the last good one: nothing is written when the weights or the
+        # optimizer's state are not finite, or the loss since the last log or the last logged loss
+        # is not (LAMB and LARS skip non-finite gradients, so a run can diverge with finite weights).
+        good_loss = bad_steps == 0 and math.isfinite(float(window_loss))
+        state = [v for s in optimizer.state_dict()["state"].values() for v in s.values()]
+        if ckpt_path and dist.is_main and good_loss and _all_finite([*model.state_dict().values(), *state]):
             save_checkpoint(
                 ckpt_path,
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -479,8 +504,8 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], out_dir: Pat
     if diff:
         details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diff)
         raise ValueError(
-            f"{out_dir} holds a different run ({details}); use another out_dir or resume=False "
-            f"with a new folder (nothing was overwritten)"
+            f"{out_dir} holds a different run ({details}); use another out_dir for this one "
+            f"(nothing was overwritten)"
         )
 
 

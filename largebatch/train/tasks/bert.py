@@ -57,7 +57,7 @@ from transformers import BertConfig, BertForMaskedLM
 from ..checkpoint import atomic_write_bytes
 from ..data import cache_dir, default_data_dir, load_text_corpus
 from ..task import Batch, Task, example_generators
-from .common import _at_least_float32, check_split, subset_size
+from .common import _at_least_float32, check_split, float_option, int_option, subset_size
 
 HELD_OUT_WORKS = ("hamlet", "macbeth", "sonnets", "twelfth_night")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -327,8 +327,8 @@ class BertMlmTask(Task):
         train_subset: int | None = None,
         eval_subset: int | None = None,
     ):
-        self.seq_len = int(seq_len)
-        self.mask_prob = float(mask_prob)
+        self.seq_len = int_option(seq_len, "seq_len")
+        self.mask_prob = float_option(mask_prob, "mask_prob")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
         fields = {
@@ -339,14 +339,16 @@ class BertMlmTask(Task):
             "pad_token_id": PAD_ID,
         }
         fields.update(_user_config(config))
-        for key, value in (("num_hidden_layers", layers), ("hidden_size", hidden), ("num_attention_heads", heads)):
+        for key, value, option in (("num_hidden_layers", layers, "layers"), ("hidden_size", hidden, "hidden"),
+                                   ("num_attention_heads", heads, "heads")):  # fmt: skip
             if value is not None:
-                fields[key] = int(value)
+                fields[key] = int_option(value, option)
         if intermediate is not None:
-            fields["intermediate_size"] = int(intermediate)
+            fields["intermediate_size"] = int_option(intermediate, "intermediate")
         elif "intermediate_size" not in _user_config(config):
             fields["intermediate_size"] = 4 * fields["hidden_size"]
-        target_vocab = int(vocab_size if vocab_size is not None else fields.get("vocab_size", DEFAULT_VOCAB_SIZE))
+        target_vocab = int_option(vocab_size if vocab_size is not None else fields.get("vocab_size", DEFAULT_VOCAB_SIZE),
+                                  "vocab_size")
         if target_vocab < 100:
             raise ValueError(f"vocab_size must be at least 100, got {target_vocab}")
         max_len = int(fields["max_position_embeddings"])
@@ -380,7 +382,8 @@ class BertMlmTask(Task):
         if train.shape[0] == 0 or evals.shape[0] == 0:
             raise ValueError(
                 f"corpus too small for seq_len={self.seq_len}: {len(streams['train'])} train and "
-                f"{len(streams['eval'])} eval tokens"
+                f"{len(streams['eval'])} eval tokens (the held-out works, eval_works), and each split needs at "
+                f"least seq_len - 2 = {self.seq_len - 2}; use a smaller seq_len or a larger corpus"
             )
         self._ids["train"] = train[: subset_size(train_subset, train.shape[0], "train_subset")]
         # Eval masks: drawn once, for the whole held-out split, from a fixed seed.

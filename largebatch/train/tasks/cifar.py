@@ -31,7 +31,7 @@ from torch import nn
 
 from ..data import CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, default_data_dir, load_cifar10
 from ..task import Batch, Task, example_generators
-from .common import check_split, classification_loss, subset_size
+from .common import check_split, classification_loss, float_option, subset_size
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -136,7 +136,7 @@ class Cifar10ResNetTask(Task):
         train_subset: int | None = None,
         eval_subset: int | None = None,
     ):
-        width = float(width)
+        width = float_option(width, "width")
         if not width > 0:
             raise ValueError(f"width must be a positive channel multiplier, got {width}")
         if data_dir is None:

@@ -9,13 +9,41 @@ from torch import nn
 from ..task import Batch
 
 
+def int_option(value, option: str) -> int:
+    """``value`` as an int: an int, an integral float or the text of one (a CLI value); anything
+    else is refused with a message that names the option."""
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ValueError(f"{option} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()
+    ):
+        raise ValueError(f"{option} must be an integer, got {value!r}")
+    return int(value)
+
+
+def float_option(value, option: str) -> float:
+    """``value`` as a finite float (a number or the text of one), else a message naming the option."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{option} must be a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"{option} must be a finite number, got {value!r}")
+    return number
+
+
 def subset_size(value: int | str | None, n: int, option: str) -> int:
     """``n`` when ``value`` is None, else ``min(value, n)``; ``value`` must be a positive int."""
     if value is None:
         return n
     try:
-        value = int(value)
-    except (TypeError, ValueError):
+        value = int_option(value, option)
+    except ValueError:
         raise ValueError(f"{option} must be a positive number of examples, got {value!r}") from None
     if value < 1:
         raise ValueError(f"{option} must be a positive number of examples, got {value}")
