@@ -105,6 +105,28 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert steps == sorted(set(steps))  # no duplicated log lines after the resume
 
 
+def test_a_resumed_run_logs_the_train_loss_of_an_uninterrupted_one(tmp_path, mnist, monkeypatch):
+    """The checkpoint (step 4) falls inside a log window (every 3 steps): the window's loss goes on."""
+    kw = dict(task="mnist-lenet", batch_size=64, epochs=2, lr=0.01, progress=False, log_every=3, checkpoint_every=4,
+              task_options=SUBSET)  # fmt: skip
+    full = fit(TrainConfig(**kw, out_dir=str(tmp_path / "full"), max_steps=9), task=mnist)
+    real, calls = mnist.get_batch, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:  # during step 6, after the checkpoint of step 4
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mnist, "get_batch", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(TrainConfig(**kw, out_dir=str(tmp_path / "resumed"), max_steps=9), task=mnist)
+    monkeypatch.setattr(mnist, "get_batch", real)
+    resumed = fit(TrainConfig(**kw, out_dir=str(tmp_path / "resumed"), max_steps=9), task=mnist)
+    train = lambda res: [(r["step"], r["loss"]) for r in res.history if r["split"] == "train"]  # noqa: E731
+    assert train(resumed) == train(full) and [s for s, _ in train(full)] == [3, 6, 9]
+
+
 def test_finished_run_is_returned_not_overwritten(tmp_path, mnist):
     cfg = TrainConfig(task="mnist-lenet", batch_size=128, epochs=1, base_lr=0.01, out_dir=str(tmp_path / "r"),
                       progress=False, task_options=SUBSET)  # fmt: skip

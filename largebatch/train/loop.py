@@ -300,6 +300,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
     start_step, history, wall_offset = 0, [], 0.0
+    saved_window = (0.0, 0)  # the train-loss sum and step count since the last log record
     if ckpt_path and config.resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=device)
         _check_same_run(ck["config"], config.to_dict(), out_dir)
@@ -308,6 +309,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
         scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         start_step, history, wall_offset = int(ck["step"]), list(ck["history"]), float(ck["wall_time"])
+        saved_window = tuple(ck.get("loss_window", saved_window))  # absent from older checkpoints
 
     writer = _tensorboard(out_dir, config) if dist.is_main else None
     metrics_file = None
@@ -343,7 +345,8 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
             save_checkpoint(
                 ckpt_path,
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "step": step, "history": history, "wall_time": elapsed, "config": config.to_dict()},
+                 "rng": rng_state(), "step": step, "history": history, "wall_time": elapsed, "config": config.to_dict(),
+                 "loss_window": [float(window_loss), window_weight]},
             )  # fmt: skip
         distributed.barrier()
 
@@ -359,8 +362,9 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     t0 = time.perf_counter()
     perm_epoch, perm = -1, None
     bad_steps = 0
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_weight, window_examples, window_t = 0, 0, time.perf_counter()
+    # a resumed run logs the same train loss as an uninterrupted one: the window goes on
+    window_loss = torch.tensor(float(saved_window[0]), dtype=torch.float64, device=device)
+    window_weight, window_examples, window_t = int(saved_window[1]), 0, time.perf_counter()
     train_model.train()
     step = start_step
     for step in range(start_step, end_step):
