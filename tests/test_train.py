@@ -385,3 +385,19 @@ def test_automatic_micro_batch_halves_on_out_of_memory(mnist):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     with pytest.raises(torch.OutOfMemoryError):  # a micro-batch the user chose is not changed
         fit(TrainConfig(**cfg, micro_batch_size=32), task=tight)
+
+
+def test_check_device_knows_what_the_machine_has(monkeypatch):
+    from largebatch.train.loop import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == torch.device("cuda:1") and check_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"Invalid device 'cuda:2': this machine has 2 cuda device\(s\)"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="this machine has no cuda device"):
+        check_device("cuda")
+    with pytest.raises(ValueError, match="Invalid device 'gpu0'"):
+        check_device("gpu0")

@@ -187,10 +187,12 @@ def check_device(name: str) -> torch.device:
         raise ValueError(f"Invalid device {name!r}: {err}; e.g. auto, cpu, cuda, cuda:1") from None
     if device.type in ("cpu", "meta"):
         return device
-    backend = getattr(torch, device.type, None)
-    count = backend.device_count() if backend is not None and hasattr(backend, "device_count") else 0
-    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
-    if not available or (device.index is not None and device.index >= count):
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu ...
+    if backend is None or not hasattr(backend, "is_available"):
+        return device  # a backend torch does not describe (an out-of-tree plugin): its own errors apply
+    available = backend.is_available()
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if not available or (device.index is not None and hasattr(backend, "device_count") and device.index >= count):
         have = f"{count} {device.type} device(s)" if available else f"no {device.type} device"
         raise ValueError(f"Invalid device {name!r}: this machine has {have} (torch {torch.__version__}); use auto or cpu")
     return device
