@@ -553,6 +553,70 @@ def add_ratios(result: dict) -> dict:
     return result
 
 
+# The targets this benchmark exists to check: (what, bound, "max" or "min").
+TARGETS = {
+    "vs_adamw": ("step time / torch AdamW(fused=True)", 1.5, "max"),
+    "peer_speedup": ("fastest installed peer LAMB's step time / this step time", 5.0, "min"),
+    "vs_sgd": ("step time / torch SGD(momentum, foreach=True)", 1.5, "max"),
+    "memory": ("extra peak memory / parameter bytes", 0.25, "max"),
+}
+PEER_LAMBS = ("torch_optimizer.Lamb", "pytorch_optimizer.Lamb", "timm.Lamb")
+
+
+def check_targets(result: dict) -> list[dict]:
+    """Each of our fused-path rows judged against :data:`TARGETS`, from the times of the same run.
+
+    LAMB rows are compared with AdamW(fused) (rows stepped by a GradScaler with AdamW(fused) stepped
+    by the same scaler, when that row was measured) and with the fastest peer LAMB of their size,
+    LARS rows with SGD(momentum, foreach); each row with the memory bound. Scaler rows are not
+    compared with the peers (no scaler steps those). Our explicitly slow paths
+    (``-foreach``, ``-reference``) are not judged. A comparison whose baseline was not measured in
+    the run is left out. Returns one dict per judgement:
+    ``{"size", "impl", "target", "value", "bound", "met", "baseline"}``."""
+    out: list[dict] = []
+    timed = [r for r in result["rows"] if r.get("median_ms")]
+    times = {(r["size"], r["impl"]): r["median_ms"] for r in timed}
+    for row in timed:
+        size, impl = row["size"], row["impl"]
+        if row.get("path") is None or impl.endswith(("-foreach", "-reference")):  # not ours, or not the fast path
+            continue
+
+        def judge(key: str, value: float | None, baseline: str | None = None) -> None:
+            if value is None:
+                return
+            _, bound, kind = TARGETS[key]
+            met = value <= bound if kind == "max" else value >= bound
+            out.append({"size": size, "impl": impl, "target": key, "value": round(value, 3), "bound": bound,
+                        "met": met, "baseline": baseline})
+
+        if row["family"] == "adam":
+            base = "adamw-fused+gradscaler" if "+gradscaler" in impl else "adamw-fused"
+            if (size, base) in times:
+                judge("vs_adamw", row["median_ms"] / times[(size, base)], base)
+            peers = [r for r in timed if r["size"] == size and r["impl"] in PEER_LAMBS]
+            if peers and "+gradscaler" not in impl:  # the peers are not stepped by a scaler
+                fastest = min(peers, key=lambda r: r["median_ms"])
+                judge("peer_speedup", fastest["median_ms"] / row["median_ms"], fastest["impl"])
+        else:
+            judge("vs_sgd", row.get("vs_sgd-foreach"), "sgd-foreach")
+        mem = row.get("memory") or {}
+        judge("memory", mem.get("extra_vs_params"))
+    return out
+
+
+def format_targets(judgements: list[dict]) -> str:
+    """One line per judgement: the measured value, the bound and whether it is met."""
+    lines = []
+    for j in judgements:
+        what, bound, kind = TARGETS[j["target"]]
+        sign = "<=" if kind == "max" else ">="
+        shown = j["target"] == "peer_speedup" or j["baseline"] == "adamw-fused+gradscaler"
+        base = f" ({j['baseline']})" if shown else ""
+        verdict = "met" if j["met"] else "NOT met"
+        lines.append(f"{j['size']} {j['impl']}: {what}{base} = {j['value']:.2f}, target {sign} {bound:g}: {verdict}")
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     """A Markdown table: ms (median), x floor, ratio to AdamW(fused) / SGD(foreach), extra memory."""
     lines = [

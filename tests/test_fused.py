@@ -483,6 +483,47 @@ def test_bench_quick_writes_json(tmp_path):
         assert row["median_ms"] > 0 and row["x_floor"] > 0 and row["steps_timed"] == 3
     assert rows["adamw-fused"]["vs_adamw-fused"] == 1.0
     assert rows["lamb"]["path"] in ("fused", "foreach")
+    judged = {(t["impl"], t["target"]) for t in result["targets"]}
+    assert judged == {("lamb", "vs_adamw"), ("lamb", "peer_speedup"), ("lars", "vs_sgd")}  # --quick: no memory
+
+
+def test_bench_targets_judged_from_the_run():
+    """The targets of the speed issue, judged from a run's own rows (numbers made up here)."""
+    from largebatch import bench
+
+    def row(impl, ms, path=None, family="adam", extra=None):
+        r = {"size": "25M", "impl": impl, "median_ms": ms, "path": path, "family": family}
+        if extra is not None:
+            r["memory"] = {"extra_vs_params": extra}
+        return r
+
+    result = bench.add_ratios({"rows": [
+        row("lamb", 30.0, "fused", extra=0.2),
+        row("lamb-nocheck", 24.0, "fused", extra=0.3),
+        row("lamb-foreach", 250.0, "foreach", extra=4.0),  # a slow path: not judged
+        row("lamb+gradscaler", 28.0, "fused"),
+        row("lars", 21.0, "fused", family="sgd"),
+        row("adamw-fused", 20.0),
+        row("adamw-fused+gradscaler", 20.0 * 1.4),
+        row("sgd-foreach", 30.0, family="sgd"),
+        row("torch_optimizer.Lamb", 150.0),
+        row("pytorch_optimizer.Lamb", 120.0),
+        {"size": "25M", "impl": "timm.Lamb", "skipped": "not installed"},
+    ]})  # fmt: skip
+    got = {(j["impl"], j["target"]): (j["value"], j["met"], j["baseline"]) for j in bench.check_targets(result)}
+    assert got == {
+        ("lamb", "vs_adamw"): (1.5, True, "adamw-fused"),  # the bound itself is met
+        ("lamb", "peer_speedup"): (4.0, False, "pytorch_optimizer.Lamb"),  # the fastest peer
+        ("lamb", "memory"): (0.2, True, None),
+        ("lamb-nocheck", "vs_adamw"): (1.2, True, "adamw-fused"),
+        ("lamb-nocheck", "peer_speedup"): (5.0, True, "pytorch_optimizer.Lamb"),
+        ("lamb-nocheck", "memory"): (0.3, False, None),
+        ("lamb+gradscaler", "vs_adamw"): (1.0, True, "adamw-fused+gradscaler"),  # like for like, no peer
+        ("lars", "vs_sgd"): (0.7, True, "sgd-foreach"),
+    }
+    text = bench.format_targets(bench.check_targets(result))
+    assert "25M lamb: step time / torch AdamW(fused=True) = 1.50, target <= 1.5: met" in text.splitlines()
+    assert "(pytorch_optimizer.Lamb) = 4.00, target >= 5: NOT met" in text
 
 
 @needs_kernel

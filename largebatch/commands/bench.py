@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
               + (f" ({info['error']})" if info.get("error") else ""))
     print()
     print(bench.format_table(result))
+    result["targets"] = bench.check_targets(result)
+    if result["targets"]:
+        print("\nTargets (ratios of this run):")
+        print(bench.format_targets(result["targets"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
