@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -123,12 +123,12 @@ def _real(
     low_open: bool = False,
 ) -> float:
     allowed = _interval(low, high, low_open)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a real number {allowed}, got {value!r}") from None
-    value = float(value)
+    if isinstance(value, (bool, str, bytes)):  # True is not 1.0, and "0.1" would stay a string
+        raise ValueError(f"{name} must be a real number {allowed}, got {value!r}")
+    try:
+        value = float(value)  # numpy and 0-d torch scalars too
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number {allowed}, got {value!r}") from None
     if not _finite_number(value, low, high, low_open):
         raise ValueError(f"{name} must be a real number {allowed}, got {value!r}")
     return value
@@ -653,6 +653,8 @@ def steps_per_epoch(dataset_size: int, batch_size: int, drop_last: bool = False)
     """
     n = _int("dataset_size", dataset_size, 1)
     b = _int("batch_size", batch_size, 1)
+    if not isinstance(drop_last, bool):
+        raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
     if drop_last:
         if b > n:
             raise ValueError(
@@ -1061,7 +1063,8 @@ class Stage:
       batch_size: examples per update in this phase (>= 1).
       epoch_fraction: the fraction of the recipe's epochs spent in this phase, in (0, 1].
       lr: this phase's peak learning rate (> 0).
-      warmup_ratio: the warmup as a fraction of this phase's steps, in [0, 1).
+      warmup_ratio: the warmup as a fraction of this phase's steps, in [0, 1]; it must leave this phase
+        at least one step after the warmup (checked when the plan is resolved).
       seq_len: the sequence length, for the record (a training loop reads it from the plan).
       num_steps: an explicit step count that overrides the one computed from the epochs.
     """
@@ -1382,15 +1385,22 @@ def bert_two_phase(
                        ("seq_lens", seq_lens)):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"{name} must be two values, one per phase, got {pair!r}")
+    if num_steps is not None and (not isinstance(num_steps, (tuple, list)) or len(num_steps) != 2):
+        raise ValueError(f"num_steps must be None or two step counts, one per phase, got {num_steps!r}")
     steps = (None, None) if num_steps is None else tuple(num_steps)
-    if len(steps) != 2:
-        raise ValueError(f"num_steps must be None or two step counts, got {num_steps!r}")
-    stages = (
-        Stage(batch_sizes[0], 0.9, lrs[0], warmup_ratios[0], seq_lens[0], steps[0]),
-        Stage(batch_sizes[1], 0.1, lrs[1], warmup_ratios[1], seq_lens[1], steps[1]),
-    )
+    stages = []
+    for i, fraction in enumerate((0.9, 0.1)):
+        try:
+            stages.append(Stage(batch_sizes[i], fraction, lrs[i], warmup_ratios[i], seq_lens[i], steps[i]))
+        except ValueError as err:  # name the phase: "lr must be ..." alone does not say which
+            raise ValueError(f"phase {i + 1} of 2: {err}") from None
+    extra = sorted(set(overrides) - {f.name for f in fields(MixedBatchRecipe)})
+    if extra:
+        allowed = ["lrs", "warmup_ratios", "num_steps", "batch_sizes", "seq_lens", "dataset_size", "power"]
+        allowed += [f.name for f in fields(MixedBatchRecipe) if f.name not in ("stages", "dataset_size", "power")]
+        raise ValueError(f"unknown bert-two-phase argument(s) {', '.join(extra)}; allowed: {', '.join(allowed)}")
     config: dict[str, Any] = dict(
-        stages=stages,
+        stages=tuple(stages),
         dataset_size=dataset_size,
         epochs=1.0,
         decay="poly",
@@ -1470,8 +1480,15 @@ class ScheduleLR(LRScheduler):
         groups = len(optimizer.param_groups)
         peaks: list[float] | None = None
         if peak_lr is not None:
-            if isinstance(peak_lr, (int, float)) and not isinstance(peak_lr, bool):
+            one_value = isinstance(peak_lr, (int, float, str, bytes)) or (
+                isinstance(peak_lr, torch.Tensor) and peak_lr.dim() == 0
+            )
+            if one_value:
                 peaks = [_real("peak_lr", peak_lr, low=0.0)] * groups
+            elif not isinstance(peak_lr, Iterable):
+                raise ValueError(
+                    f"peak_lr must be a real number >= 0 or one per param group, got {peak_lr!r}"
+                )
             else:
                 peaks = [_real(f"peak_lr[{i}]", p, low=0.0) for i, p in enumerate(peak_lr)]
                 if len(peaks) != groups:

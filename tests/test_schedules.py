@@ -491,6 +491,19 @@ def test_adapter_warns_on_a_different_schedule():
         (lambda: preset("bert-two-phase").resolve(batch_size=1024), r"batch_size=1024 does not match this recipe's batch sizes \(65536, 32768\)"),
         (lambda: preset("resnet"), r"unknown preset 'resnet'; allowed: 'bert', 'goyal', 'bert-two-phase'"),
         (lambda: MixedBatchRecipe(stages=(Stage(8, 0.5, 0.1),)), r"stage epoch_fraction values must sum to 1, got 0\.5"),
+        # a bool is not a number, and a numeric string would be kept as a string
+        (lambda: Recipe(base_lr=True, base_batch=256), r"base_lr must be a real number > 0\.0, got True"),
+        (lambda: Constant(True), r"value must be a real number >= 0\.0, got True"),
+        (lambda: PolynomialDecay(10, power=True), r"power must be a real number > 0\.0, got True"),
+        (lambda: Recipe(base_lr=0.1, base_batch=256).resolve(256, 1000, epochs=True), r"epochs must be a real number > 0\.0, got True"),
+        (lambda: Recipe(base_lr="0.1", base_batch=256), r"base_lr must be a real number > 0\.0, got '0\.1'"),
+        (lambda: Recipe(base_lr=0.1, base_batch=256, decay="step", decay_epochs=("3", "20")), r"decay_epochs\[0\] must be a real number >= 0\.0, got '3'"),
+        (lambda: steps_per_epoch(10, 3, drop_last=1), r"drop_last must be True or False, got 1"),
+        # the two-phase preset: one count is not two, the phase at fault is named, its own arguments listed
+        (lambda: bert_two_phase(num_steps=7038), r"num_steps must be None or two step counts, one per phase, got 7038"),
+        (lambda: preset("bert-two-phase", lrs=(6e-3, -1)), r"phase 2 of 2: lr must be a real number > 0\.0, got -1\.0"),
+        (lambda: preset("bert-two-phase", num_steps=(0, 1563)), r"phase 1 of 2: num_steps must be an integer >= 1, got 0"),
+        (lambda: preset("bert-two-phase", lr=(1e-3, 1e-3)), r"unknown bert-two-phase argument\(s\) lr; allowed: lrs, warmup_ratios, num_steps, batch_sizes, seq_lens, dataset_size, power, epochs"),
     ],
 )
 def test_bad_arguments_give_clear_errors(build, match):
@@ -514,6 +527,17 @@ def test_adapter_rejects_bad_peaks():
     model, opt = _model_and_opt()
     with pytest.raises(ValueError, match=r"peak_lr has 3 values for 2 param groups"):
         ScheduleLR(opt, Constant(), peak_lr=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"peak_lr must be a real number >= 0\.0, got True"):
+        ScheduleLR(opt, Constant(), peak_lr=True)
+    with pytest.raises(ValueError, match=r"peak_lr must be a real number >= 0 or one per param group, got <object"):
+        ScheduleLR(opt, Constant(), peak_lr=object())
+
+
+def test_adapter_takes_a_0d_tensor_peak():
+    model, opt = _model_and_opt()
+    sched = ScheduleLR(opt, Constant(0.5), peak_lr=torch.tensor(0.25))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.125, 0.0125])  # times each group's lr_scale
+    assert sched.peak_lrs == [0.25, 0.25]
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -556,5 +580,9 @@ def test_cli_reports_errors(capsys):
     assert "decay_epochs=(30.0,) is used only by decay='step'" in capsys.readouterr().err
     assert cli.main(["schedule", "--recipe", "bert-two-phase", "--epochs=-1"]) == 2
     assert "epochs must be a real number > 0.0, got -1.0" in capsys.readouterr().err
+    assert cli.main(["schedule", "--recipe", "bert-two-phase", "--decay-epochs", "30"]) == 2
+    assert capsys.readouterr().err == "error: --recipe bert-two-phase does not use --decay-epochs\n"  # named once
+    assert cli.main(["schedule", "--recipe", "bert", "--batch-size", "512", "--plot", "/nonexistent/dir/x.png"]) == 2
+    assert capsys.readouterr().err == "error: cannot write the plot /nonexistent/dir/x.png: No such file or directory\n"
     assert cli.main(["schedule", "--recipe", "bert", "--warmup-epochs", "0.1"]) == 0
     assert "warmup 100000 steps" in capsys.readouterr().out

@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 recipe = schedules.preset(args.recipe, **given)
             batch_sizes = args.batch_size or [recipe.base_batch]
-        unused = _unused(args, fields) + _unused_by_decay(args, getattr(recipe, "decay", None))
+        unused = _unused(args, fields)
+        unused += [o for o in _unused_by_decay(args, getattr(recipe, "decay", None)) if o.split(" ")[0] not in unused]
         if unused:
             print(f"error: --recipe {args.recipe} does not use {', '.join(unused)}",
                   file=sys.stderr)
@@ -160,7 +161,11 @@ def run(args: argparse.Namespace) -> int:
             print(plan.describe(steps=args.steps))
             print()
         if args.plot:
-            schedules.plot_plans(plans, args.plot)
+            try:
+                schedules.plot_plans(plans, args.plot)
+            except OSError as err:
+                print(f"error: cannot write the plot {args.plot}: {err.strerror or err}", file=sys.stderr)
+                return 2
             print(f"wrote {args.plot}")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
