@@ -127,6 +127,22 @@ def test_a_resumed_run_logs_the_train_loss_of_an_uninterrupted_one(tmp_path, mni
     assert train(resumed) == train(full) and [s for s, _ in train(full)] == [3, 6, 9]
 
 
+def test_a_smaller_max_steps_than_the_checkpoint_is_refused_and_changes_nothing(tmp_path, mnist):
+    """A run stopped at step 6, run again with max_steps=3: the loop would not run and the checkpoint
+    (step 6's weights) was saved again as step 3, so going on to the end gave other parameters."""
+    kw = dict(task="mnist-lenet", batch_size=64, epochs=1, lr=0.01, progress=False, log_every=0, checkpoint_every=2,
+              task_options=SUBSET, out_dir=str(tmp_path / "r"))  # fmt: skip
+    full = fit(TrainConfig(**{**kw, "out_dir": str(tmp_path / "full")}), task=mnist)
+    assert full.steps > 6
+    fit(TrainConfig(**kw, max_steps=6), task=mnist)
+    saved = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"holds this run at step 6, past max_steps=3; nothing was changed"):
+        fit(TrainConfig(**kw, max_steps=3), task=mnist)
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == saved
+    resumed = fit(TrainConfig(**kw), task=mnist)
+    assert resumed.steps == full.steps and resumed.final == full.final
+
+
 def test_finished_run_is_returned_not_overwritten(tmp_path, mnist):
     cfg = TrainConfig(task="mnist-lenet", batch_size=128, epochs=1, base_lr=0.01, out_dir=str(tmp_path / "r"),
                       progress=False, task_options=SUBSET)  # fmt: skip

@@ -306,6 +306,13 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     if ckpt_path and config.resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=device)
         _check_same_run(ck["config"], config.to_dict(), out_dir)
+        if config.max_steps is not None and int(ck["step"]) > config.max_steps:
+            # the loop would not run, and the checkpoint would be saved again under the smaller step
+            raise ValueError(
+                f"{out_dir} holds this run at step {int(ck['step'])}, past max_steps={config.max_steps}; "
+                f"nothing was changed: give max_steps >= {int(ck['step'])} (or none) to go on, or use "
+                f"another out_dir"
+            )
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
