@@ -55,3 +55,27 @@ def test_measurement_leaves_rng_and_training_unchanged():
     assert [h["loss"] for h in plain.history] == [h["loss"] for h in probed.history]
     evals = [h for h in probed.history if h["split"] == "eval"]
     assert len(evals) == 2 and all(h["noise_trace"] > 0 for h in evals)
+
+
+def test_noise_probe_of_a_resumed_run_measures_what_an_uninterrupted_one_does(tmp_path):
+    """The probe's batches depend on the parameters measured at, not on a per-process call count
+    (which restarted at 0 after a resume and gave other noise-scale numbers)."""
+    from largebatch.train.loop import TrainConfig, fit
+    from largebatch.train.tasks import get_task
+
+    mnist = get_task("mnist-lenet", train_subset=256, eval_subset=64)
+    cfg = dict(task="mnist-lenet", optimizer="lamb", batch_size=64, epochs=2, base_lr=0.01, eval_every=2,
+               checkpoint_every=2, progress=False, log_every=0)  # fmt: skip
+    probe = lambda: NoiseProbe(mnist, b_small=16, b_big=64, batches=1)  # noqa: E731
+    noise = lambda res: [(h["step"], h["noise_b_simple"], h["noise_trace"]) for h in res.history if h["split"] == "eval"]  # noqa: E731
+    full = fit(TrainConfig(**cfg, out_dir=str(tmp_path / "full")), probe())
+    fit(TrainConfig(**cfg, out_dir=str(tmp_path / "cut"), max_steps=4), probe())
+    resumed = fit(TrainConfig(**cfg, out_dir=str(tmp_path / "cut")), probe())  # a new probe: a new process
+    assert len(noise(full)) >= 3 and noise(resumed) == noise(full)
+    # a measurement at other parameters draws other batches; at the same ones, the same
+    model = mnist.build_model()
+    a, b = probe().evaluate(model, batch_size=64), probe().evaluate(model, batch_size=64)
+    assert a == b
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert probe().evaluate(model, batch_size=64)["noise_trace"] != a["noise_trace"]

@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -128,6 +129,15 @@ def measure_noise_scale(
     return noise_scale_from_norms(small_sq / n_small, big_sq / batches, b_small, b_big, batches)
 
 
+def _digest(model: nn.Module) -> int:
+    """A 62-bit integer determined by the bytes of the model's parameters (not by how many
+    measurements this process has taken: a counter restarts at 0 in a resumed run)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 2
+
+
 class NoiseProbe(Task):
     """A task that is ``inner`` in every respect, except that ``evaluate`` also measures the
     gradient noise scale of the training objective at the model's current parameters.
@@ -135,7 +145,9 @@ class NoiseProbe(Task):
     The training loop evaluates at its eval points and at the end, so wrapping a task with this
     probe adds ``noise_b_simple``, ``noise_grad_sq`` and ``noise_trace`` to those eval records,
     with no change to the loop and none to the training trajectory (the measurement runs under a
-    forked RNG and never touches ``.grad``).
+    forked RNG and never touches ``.grad``). The batches of a measurement are drawn from ``seed`` and
+    a digest of the parameters it is taken at, so a run that was interrupted and resumed (to the
+    same parameters) measures what an uninterrupted one does.
     """
 
     def __init__(self, inner: Task, b_small: int, b_big: int, batches: int = 4, seed: int = 0):
@@ -143,7 +155,6 @@ class NoiseProbe(Task):
         self.name = inner.name
         self.metric = inner.metric
         self.b_small, self.b_big, self.batches, self.seed = int(b_small), int(b_big), int(batches), int(seed)
-        self.calls = 0
 
     def build_model(self) -> nn.Module:
         return self.inner.build_model()
@@ -161,8 +172,7 @@ class NoiseProbe(Task):
         metrics = dict(self.inner.evaluate(model, *args, **kwargs))
         device = next(model.parameters()).device
         est = measure_noise_scale(model, self.inner, self.b_small, self.b_big, self.batches,
-                                  seed=self.seed * 7919 + self.calls, device=device)  # fmt: skip
-        self.calls += 1
+                                  seed=(self.seed * 7919 + _digest(model)) % (1 << 63), device=device)  # fmt: skip
         metrics.update(noise_b_simple=est.b_simple, noise_grad_sq=est.grad_sq, noise_trace=est.trace)
         return metrics
 
