@@ -235,6 +235,9 @@ def test_bad_inputs_have_clear_errors(mnist, tmp_path):
         fit(TrainConfig(batch_size=0), task=mnist)
     with pytest.raises(ValueError, match=r"Invalid precision: 'fp8'"):
         fit(TrainConfig(precision="fp8"), task=mnist)
+    for seed in (10**14, -1, 1.5):  # 10**14 overflowed the data-order generator's seed
+        with pytest.raises(ValueError, match=rf"Invalid seed: {seed!r}; it must be an integer in \[0, 2\*\*31 - 1\]"):
+            fit(TrainConfig(seed=seed), task=mnist)
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         get_task("mnist-lenet", data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"unknown task 'imagenet'; valid tasks: bert-mlm, cifar10-resnet, mnist-lenet"):

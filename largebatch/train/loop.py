@@ -97,6 +97,9 @@ class TrainConfig:
             raise ValueError(f"Invalid precision: {self.precision!r}; allowed values are {', '.join(PRECISIONS)}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool) or self.max_steps < 1):
             raise ValueError(f"Invalid max_steps: {self.max_steps!r}; it must be None (train to the end) or an integer >= 1")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**31:
+            # seed * 1_000_003 + step seeds the data order: kept well inside a 64-bit generator seed
+            raise ValueError(f"Invalid seed: {self.seed!r}; it must be an integer in [0, 2**31 - 1]")
         for name in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be >= 0 (0 = off)")
