@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from largebatch.train.data import (
+    IDX_MAX_RANK,
     cache_dir,
     default_data_dir,
     load_cifar10,
@@ -91,6 +92,29 @@ def test_idx_size_mismatch(tmp_path):
     (tmp_path / "tiny").write_bytes(b"\x00\x00")
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "tiny")
+
+
+def test_idx_size_mismatch_of_a_huge_header_is_exact(tmp_path):
+    """A header whose size overflows int64 reports the exact byte count and the dimensions."""
+    path = tmp_path / "huge"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 4_000_000_000, 4_000_000_000, 4_000_000_000))
+    with pytest.raises(ValueError) as info:
+        read_idx(path)
+    assert str(info.value) == (
+        f"{path}: IDX size mismatch: header says shape (4000000000, 4000000000, 4000000000) of uint8 "
+        f"({4_000_000_000**3 + 16} bytes with the header), file has 16 bytes"
+    )
+
+
+def test_idx_rank_above_the_limit(tmp_path):
+    path = tmp_path / "rank255"
+    path.write_bytes(bytes([0, 0, 0x08, 255]) + b"\x00" * (4 * 255))
+    with pytest.raises(ValueError) as info:
+        read_idx(path)
+    assert str(info.value) == f"{path}: IDX rank 255 is not supported (allowed: 0 to {IDX_MAX_RANK} dimensions)"
+    assert IDX_MAX_RANK >= 32
+    array = np.arange(2, dtype=np.uint8).reshape((1,) * (IDX_MAX_RANK - 1) + (2,))
+    assert read_idx(write_idx(tmp_path / "deepest", array)).shape == array.shape  # the limit itself reads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +224,40 @@ def test_mnist_task_follows_the_image_size(tmp_path):
         get_task("mnist-lenet", data_dir=str(small))
 
 
+@pytest.mark.parametrize(
+    "split,n_train,largest",
+    [("train", 6, 6), ("t10k", 6, 1000), ("train", 6, 2_000_000_000)],
+)
+def test_mnist_task_refuses_labels_that_are_not_class_indices(tmp_path, split, n_train, largest):
+    """The model has max(label) + 1 outputs: a label not below the number of training examples
+    (it would build a huge classifier) is refused, naming the file."""
+    from largebatch.train.tasks import get_task
+
+    write_fake_mnist(tmp_path, n_train=n_train)
+    for stem, n in (("train", n_train), ("t10k", 4)):
+        labels = np.arange(n, dtype=np.int32) % 3
+        if stem == split:
+            labels[1] = largest
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", labels)
+    with pytest.raises(ValueError) as info:
+        get_task("mnist-lenet", data_dir=str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path / f'{split}-labels-idx1-ubyte'}: label {largest} is not less than the number of training "
+        f"examples ({n_train}); labels must be class indices 0..C-1 for C classes, remap them"
+    )
+
+
+def test_mnist_task_accepts_labels_below_the_number_of_training_examples(tmp_path):
+    from largebatch.train.tasks import get_task
+
+    write_fake_mnist(tmp_path, n_train=12)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(12, dtype=np.uint8))  # 0..11: 12 classes
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(4, dtype=np.uint8))
+    task = get_task("mnist-lenet", data_dir=str(tmp_path), train_subset=3)  # the bound is the full split
+    assert task.num_classes == 4 and task.build_model().fc3.out_features == 10  # at least 10 outputs, as before
+    assert get_task("mnist-lenet", data_dir=str(tmp_path)).num_classes == 12
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10
 
@@ -253,9 +311,55 @@ def test_load_cifar10_refuses_malicious_pickle(tmp_path):
     target = tmp_path / "pwned"
     with open(tmp_path / "data_batch_3", "wb") as f:
         pickle.dump({b"data": _Exploit(str(target)), b"labels": []}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError, match=r"data_batch_3: refusing to load global (io|builtins)\.open"):
+    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR-10 python batch file \(UnpicklingError: "
+                       r"refusing to load global (io|builtins)\.open"):
         load_cifar10(tmp_path)
     assert not target.exists()
+
+
+def test_load_cifar10_truncated_pickle_is_a_value_error(tmp_path):
+    write_fake_cifar(tmp_path)
+    content = (tmp_path / "data_batch_2").read_bytes()
+    (tmp_path / "data_batch_2").write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError) as info:
+        load_cifar10(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'data_batch_2'}: not a CIFAR-10 python batch file (UnpicklingError: pickle data was truncated)"
+    )
+
+
+@pytest.mark.parametrize(
+    "name,labels,bad,value,index",
+    [
+        ("data_batch_1", [3, 10, 0, 10], 2, "10", 1),
+        ("data_batch_5", [-1, 0, 1, 2], 1, "-1", 0),
+        ("test_batch", [0, 1, 2, 12, 4, 5], 1, "12", 3),
+        ("data_batch_2", [3.5, 1.0, 2.0, 0.0], 1, "3.5", 0),
+        ("data_batch_2", np.array([1, 2, 3, 200], np.uint8), 1, "200", 3),
+        ("data_batch_3", [b"3", b"1", b"2", b"0"], 4, "b'3'", 0),
+        ("data_batch_3", [1, 2, 3, 2**70], 1, str(2**70), 3),
+        ("data_batch_4", [True, False, True, False], 4, "True", 0),
+    ],
+)
+def test_load_cifar10_refuses_labels_that_are_not_classes(tmp_path, name, labels, bad, value, index):
+    write_fake_cifar(tmp_path)
+    with open(tmp_path / name, "wb") as f:
+        pickle.dump({b"data": np.zeros((len(labels), 3072), np.uint8), b"labels": labels}, f, protocol=2)
+    with pytest.raises(ValueError) as info:
+        load_cifar10(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / name}: {bad} label(s) are not CIFAR-10 classes, the first {value} at index {index}; "
+        f"labels must be integers 0..9 (the model has 10 classes)"
+    )
+
+
+def test_load_cifar10_accepts_integral_float_labels(tmp_path):
+    expected = write_fake_cifar(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((3, 3072), np.uint8), b"labels": [9.0, 0.0, 4.0]}, f, protocol=2)
+    data = load_cifar10(tmp_path)
+    assert data["test"][1].dtype == torch.int64 and data["test"][1].tolist() == [9, 0, 4]
+    assert data["train"][1].tolist() == expected["train_labels"].tolist()
 
 
 def test_load_cifar10_missing_files(tmp_path):

@@ -156,6 +156,26 @@ def test_cifar_requires_data(tmp_path, monkeypatch):
         get_task("cifar10-resnet", data_dir=tmp_path / "missing")
 
 
+@pytest.mark.parametrize(
+    "value,expected",
+    [(True, True), (False, False), (1, True), (0, False), ("False", False), ("no", False), ("OFF", False),
+     ("0", False), ("True", True), ("yes", True), ("On", True), ("1", True)],
+)
+def test_cifar_augment_option_parses_booleans(cifar_dir, value, expected):
+    """A CLI value like augment=False arrives as text: bool("False") would be True."""
+    task = get_task("cifar10-resnet", data_dir=cifar_dir, width=0.125, augment=value)
+    assert task.augment is expected
+    a, b = (task.get_batch("train", torch.arange(8), gen(seed)).tensors["x"] for seed in (0, 1))
+    assert torch.equal(a, b) is not expected  # augmented batches depend on the generator
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, None])
+def test_cifar_augment_option_refuses_other_values(cifar_dir, value):
+    with pytest.raises(ValueError) as info:
+        get_task("cifar10-resnet", data_dir=cifar_dir, width=0.125, augment=value)
+    assert str(info.value) == f"augment must be a boolean: true/false, 1/0, yes/no, on/off (any case), got {value!r}"
+
+
 def test_cifar_model_is_resnet9(cifar_dir):
     from largebatch.train.tasks.cifar import ResNet9
 

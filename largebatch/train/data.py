@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 from pathlib import Path
@@ -42,6 +43,9 @@ IDX_DTYPES: dict[int, np.dtype] = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+
+# The largest IDX rank read_idx accepts: the most dimensions a numpy array can have.
+IDX_MAX_RANK = 32 if np.lib.NumpyVersion(np.__version__) < "2.0.0" else 64
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -89,8 +93,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     The file may be gzip-compressed (detected from its content, not its name).
 
     Raises:
-        ValueError: the magic number is wrong, the type code unknown, or the data size does not
-            match the header.
+        ValueError: the magic number is wrong, the type code unknown, the rank above
+            ``IDX_MAX_RANK``, or the data size does not match the header.
     """
     path = Path(path)
     raw = _read_bytes(path)
@@ -105,12 +109,14 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     if code not in IDX_DTYPES:
         allowed = ", ".join(f"0x{c:02X}" for c in IDX_DTYPES)
         raise ValueError(f"{path}: unknown IDX element type code 0x{code:02X} (allowed: {allowed})")
+    if rank > IDX_MAX_RANK:
+        raise ValueError(f"{path}: IDX rank {rank} is not supported (allowed: 0 to {IDX_MAX_RANK} dimensions)")
     header = 4 + 4 * rank
     if len(raw) < header:
         raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, rank {rank} needs {header})")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=rank, offset=4))
     dtype = IDX_DTYPES[code]
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: a huge header cannot overflow
     if len(raw) != expected:
         raise ValueError(
             f"{path}: IDX size mismatch: header says shape {shape} of {dtype.name} "
@@ -137,6 +143,12 @@ def _mnist_candidates(stem: str, kind: str) -> list[str]:
     return [n + suffix for n in names for suffix in (".gz", "")]
 
 
+def _mnist_file(folder: Path, split: str, kind: str) -> Path | None:
+    """The file of ``split`` ("train"/"test") and ``kind`` ("images"/"labels") in ``folder``, or None."""
+    stem, suffix = _MNIST_FILES[(split, kind)]
+    return next((folder / c for c in _mnist_candidates(stem, suffix) if (folder / c).is_file()), None)
+
+
 def load_mnist(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Read MNIST-format IDX files from ``folder``.
 
@@ -161,7 +173,7 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     for key, (stem, kind) in _MNIST_FILES.items():
         candidates = _mnist_candidates(stem, kind)
-        found = next((folder / c for c in candidates if (folder / c).is_file()), None)
+        found = _mnist_file(folder, *key)
         if found is None:
             raise FileNotFoundError(
                 f"MNIST file {stem}-{kind}[.gz] not found in {folder} (looked for {', '.join(candidates)}); "
@@ -229,7 +241,7 @@ class _CifarUnpickler(pickle.Unpickler):
     only a dict of bytes/str keys, lists of ints and bytes, and numpy arrays, so the only globals
     allowed are numpy's array-reconstruction helpers, ``numpy.ndarray``, ``numpy.dtype`` and a
     latin-1-only ``_codecs.encode`` (how protocol-2 pickles store bytes). Anything else raises
-    ``pickle.UnpicklingError``.
+    ``pickle.UnpicklingError`` (which ``_load_cifar_batch`` turns into a ``ValueError`` naming the file).
     """
 
     def find_class(self, module: str, name: str):
@@ -247,14 +259,46 @@ class _CifarUnpickler(pickle.Unpickler):
         )
 
 
+CIFAR10_CLASSES = 10
+
+
+def _is_cifar_label(value) -> bool:
+    """An integer (or integral float) in [0, CIFAR10_CLASSES); bools, bytes and text are not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return 0 <= value < CIFAR10_CLASSES and float(value).is_integer()
+
+
+def _cifar_labels(path: Path, labels) -> np.ndarray:
+    """``labels`` as int64, refused (naming ``path``) unless every one is a class index 0..9."""
+    try:
+        array = np.asarray(labels)
+    except (TypeError, ValueError) as exc:  # e.g. a ragged list
+        raise ValueError(f"{path}: 'labels' must be a list of integers 0..9 ({exc})") from exc
+    if array.dtype.kind in "iu":
+        bad = (array < 0) | (array >= CIFAR10_CLASSES)
+    elif array.dtype.kind == "f":
+        bad = ~np.isfinite(array) | (array != np.floor(array)) | (array < 0) | (array >= CIFAR10_CLASSES)
+    else:  # bools, bytes, text, mixed objects: look at each value
+        bad = np.array([not _is_cifar_label(v) for v in array.reshape(-1)], dtype=bool).reshape(array.shape)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = array[where]
+        value = value.item() if isinstance(value, np.generic) else value
+        index = where[0] if len(where) == 1 else where
+        raise ValueError(
+            f"{path}: {int(bad.sum())} label(s) are not CIFAR-10 classes, the first {value!r} at index "
+            f"{index}; labels must be integers 0..{CIFAR10_CLASSES - 1} (the model has {CIFAR10_CLASSES} classes)"
+        )
+    return array.astype(np.int64)
+
+
 def _load_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     with open(path, "rb") as f:
         content = f.read()
     try:
         obj = _CifarUnpickler(io.BytesIO(content), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(f"{path}: {exc}") from exc
-    except Exception as exc:  # truncated or not a pickle at all
+    except Exception as exc:  # a refused global (pickle.UnpicklingError), truncated, or not a pickle at all
         raise ValueError(f"{path}: not a CIFAR-10 python batch file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
@@ -266,9 +310,9 @@ def _load_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{path}: the batch dict has no {name!r} entry (keys: {sorted(map(str, obj))})")
 
     data = np.asarray(field("data"))
-    labels = np.asarray(field("labels"), dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path}: 'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}")
+    labels = _cifar_labels(path, field("labels"))
     if labels.shape != (data.shape[0],):
         raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows are R, G, B planes
@@ -282,7 +326,7 @@ def load_cifar10(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, tor
     with ``b"data"``, uint8 ``[N, 3072]`` in R, G, B plane order, and ``b"labels"``), or holds the
     unpacked ``cifar-10-batches-py`` folder. The pickles are read with a restricted unpickler that
     only admits dicts, lists, bytes, ints and numpy arrays (see ``_CifarUnpickler``), so a
-    tampered file cannot run code.
+    tampered file cannot run code. Labels must be class indices 0..9 (integers, or integral floats).
 
     Returns:
         ``{"train": (images, labels), "test": (images, labels)}`` with images uint8
@@ -290,8 +334,9 @@ def load_cifar10(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, tor
 
     Raises:
         FileNotFoundError: the folder or a batch file is missing (the message names the files).
-        pickle.UnpicklingError: a file names a global outside the allowed set.
-        ValueError: a file is not a CIFAR-10 batch.
+        ValueError: a file is not a CIFAR-10 batch (not a pickle, truncated, names a global outside
+            the allowed set, wrong shapes, or labels that are not integers 0..9); the message names
+            the file.
     """
     folder = Path(folder)
     names = CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..data import CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, default_data_dir, load_cifar10
 from ..task import Batch, Task, example_generators
-from .common import check_split, classification_loss, float_option, subset_size
+from .common import bool_option, check_split, classification_loss, float_option, subset_size
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -118,7 +118,8 @@ class Cifar10ResNetTask(Task):
             for ``cifar-10-batches-py`` or ``cifar10`` under :func:`default_data_dir` and raises
             ``ValueError`` if neither exists (CIFAR-10 is not bundled).
         width: channel multiplier of the model (1.0 = DavidNet; e.g. 0.125 for quick tests).
-        augment: random crop + flip on training batches (default True).
+        augment: random crop + flip on training batches (default True); a bool, or the text
+            true/false, 1/0, yes/no, on/off in any case.
         train_subset, eval_subset: use only the first N examples of a split.
 
     Batches hold ``x`` (float32 ``[B, 3, 32, 32]``, normalised) and ``y`` (int64 ``[B]``);
@@ -139,12 +140,13 @@ class Cifar10ResNetTask(Task):
         width = float_option(width, "width")
         if not width > 0:
             raise ValueError(f"width must be a positive channel multiplier, got {width}")
+        augment = bool_option(augment, "augment")  # before the (slow) data load
         if data_dir is None:
             data_dir = self._default_folder()
         data = load_cifar10(data_dir)
         self.data_dir = str(data_dir)
         self.width = width
-        self.augment = bool(augment)
+        self.augment = augment
         self._x: dict[str, torch.Tensor] = {}
         self._y: dict[str, torch.Tensor] = {}
         for split, source, subset, option in (

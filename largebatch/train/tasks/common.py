@@ -1,4 +1,4 @@
-"""Pieces shared by the built-in tasks: subset sizes and the classification loss."""
+"""Pieces shared by the built-in tasks: option parsing, subset sizes and the classification loss."""
 
 from __future__ import annotations
 
@@ -35,6 +35,23 @@ def float_option(value, option: str) -> float:
     if number != number or number in (float("inf"), float("-inf")):
         raise ValueError(f"{option} must be a finite number, got {value!r}")
     return number
+
+
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def bool_option(value, option: str) -> bool:
+    """``value`` as a bool: a bool, 0 or 1, or (any case) true/false, 1/0, yes/no, on/off (a CLI
+    value); anything else is refused with a message that names the option."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    allowed = ", ".join(f"{t}/{f}" for t, f in zip(_TRUE_WORDS, _FALSE_WORDS))
+    raise ValueError(f"{option} must be a boolean: {allowed} (any case), got {value!r}")
 
 
 def subset_size(value: int | str | None, n: int, option: str) -> int:

@@ -15,12 +15,13 @@ ignores its generator.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import default_data_dir, load_mnist
+from ..data import _mnist_file, default_data_dir, load_mnist
 from ..task import Batch, Task
 from .common import check_split, classification_loss, subset_size
 
@@ -58,6 +59,23 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
+def check_label_range(folder: str | os.PathLike, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Refuse a largest label (train or test) that is not less than the number of training examples.
+
+    The model has ``max(label) + 1`` outputs, so labels must be class indices ``0..C-1``; a label
+    like 2e9 would try to build a classifier of billions of outputs. (A bound, not a proof: a stray
+    label below the number of training examples, 250 in a 3-class set of 300, still passes.)"""
+    n_train = data["train"][1].shape[0]
+    split = max(("train", "test"), key=lambda s: int(data[s][1].max()))
+    largest = int(data[split][1].max())
+    if largest >= n_train:
+        path = _mnist_file(Path(folder), split, "labels") or Path(folder)
+        raise ValueError(
+            f"{path}: label {largest} is not less than the number of training examples ({n_train}); "
+            f"labels must be class indices 0..C-1 for C classes, remap them"
+        )
+
+
 class MnistLeNetTask(Task):
     """LeNet-5 on MNIST (or any data in the MNIST IDX layout).
 
@@ -70,6 +88,8 @@ class MnistLeNetTask(Task):
     Splits: "train" is the 60,000 training images, "eval" the 10,000 test images. Batches hold
     ``x`` (float32 ``[B, 1, H, W]``, normalised) and ``y`` (int64 ``[B]``); weight = B.
     Metric "accuracy": correct predictions, a sum that ``evaluate`` divides by the weight.
+    Labels must be class indices 0..C-1: the model has ``max(10, C)`` outputs, and a label not
+    less than the number of training examples is refused (see :func:`check_label_range`).
     """
 
     name = "mnist-lenet"
@@ -83,6 +103,7 @@ class MnistLeNetTask(Task):
     ):
         folder = default_data_dir() / "mnist" if data_dir is None else data_dir
         data = load_mnist(folder)
+        check_label_range(folder, data)
         self.data_dir = str(folder)
         self._x: dict[str, torch.Tensor] = {}
         self._y: dict[str, torch.Tensor] = {}
