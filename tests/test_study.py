@@ -135,12 +135,95 @@ def test_spec_expansion_and_validation(tmp_path):
         (dict(optimizers=[{"name": "lamb", "lr": 0.01, "options": {"betaz": 1}}]), r"Unknown option\(s\) betaz for optimizer 'lamb'"),
         (dict(optimizers=[{"name": "lamb", "lr": 0.01, "grid_batch_sizes": [64]}]), r"share no batch size with batch_sizes"),
         (dict(noise={"labels": ["lmab"]}), r"\[noise\] labels \['lmab'\] are not optimizer labels"),
+        (dict(noise={"b_small": 0, "b_big": 64}), r"\[noise\] b_small must be an integer >= 1, got 0"),
+        (dict(noise={"b_small": 16, "b_big": 64.5}), r"\[noise\] b_big must be an integer >= 1, got 64.5"),
+        (dict(noise={"batches": 0}), r"\[noise\] batches must be an integer >= 1, got 0"),
+        (dict(noise={"batch_sizes": [32.5]}), r"\[noise\] batch_sizes must be a list of integers >= 1, got \[32.5\]"),
+        (dict(noise={"labels": "lamb"}), r"\[noise\] labels must be a list of optimizer labels \(strings\), got 'lamb'"),
+        (dict(noise={"untuned_only": "false"}), r"\[noise\] untuned_only must be true or false \(a TOML boolean, unquoted\), got 'false'"),
+        (dict(noise={"untuned_only": 0}), r"\[noise\] untuned_only must be true or false .*got 0"),
+        (dict(noise=3), r"\[noise\] must be a table, got 3"),
     ],
 )
 def test_bad_sweep_configs_are_refused_before_anything_runs(change, message):
     base = {"name": "s", "task": "mnist-lenet", "batch_sizes": [32], "optimizers": [{"name": "lamb", "lr": 0.01}]}
     with pytest.raises(ValueError, match=message):
         SweepSpec.from_dict({**base, **change}).expand()
+
+
+def test_noise_untuned_only_false_is_read_as_false():
+    from largebatch.study.sweep import NoiseSpec
+
+    assert NoiseSpec.from_dict({"untuned_only": False, "b_small": 8, "b_big": 32}).untuned_only is False
+    assert NoiseSpec.from_dict({"b_small": 8, "b_big": 32}).untuned_only is True
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_report_user_errors_are_one_line_and_leave_everything_as_it_was(tmp_path, capsys):
+    db = tmp_path / "s.sqlite"
+    with ResultStore(db) as store:
+        store.save_sweep("s", {"name": "s"})
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    other = tmp_path / "other.sqlite"  # an SQLite database of something else
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+
+    cases = [
+        (["report", str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "r1")], f"error: no sweep database at {tmp_path / 'nope.sqlite'}"),
+        (["report", str(toml), "--out", str(tmp_path / "r2")],
+         f"error: {toml} is not a sweep database (not an SQLite file; it was left as it is): give a database written by `largebatch sweep`"),
+        (["report", str(other), "--out", str(tmp_path / "r3")], f"error: {other} is not a sweep database (it has no runs and sweeps tables)"),
+        (["report", str(db), "--out", str(tmp_path / "r4"), "--sweep", "nosuch"], f"error: no sweep 'nosuch' in {db}; it holds: s"),
+        (["report", str(db), "--out", str(afile)], f"error: cannot write the report into {afile}: it or a folder above it is a file"),
+        (["report", str(db), "--out", str(afile / "r")], f"error: cannot write the report into {afile / 'r'}: it or a folder above it is a file"),
+        (["report", "--out", str(tmp_path / "r5")], "error: give a sweep database, --synthetic, or both"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert _one_error_line(capsys).startswith(message), argv
+    # nothing was created (no empty database, no empty report folder) and nothing was changed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "other.sqlite", "s.sqlite", "tiny.toml"]
+    assert toml.read_text() == TINY and afile.read_text() == "keep"
+
+
+def test_sweep_bad_db_is_one_line_and_changes_nothing(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    (tmp_path / "afile").write_text("keep")
+    other = tmp_path / "other.sqlite"  # an SQLite database of another program: no sweep tables added to it
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    cases = [
+        (["--db", str(other)], f"error: {other} is an SQLite database of something else (tables: t); it was left as it is"),
+        (["--db", str(config)], f"error: {config} is not a sweep database (not an SQLite file; it was left as it is): "
+                                "give a database written by `largebatch sweep`, or a new file name"),
+        (["--db", str(config), "--dry-run"], f"error: {config} is not a sweep database (not an SQLite file"),
+        (["--db", str(tmp_path / "afile" / "x.sqlite")],
+         f"error: cannot create the sweep database {tmp_path / 'afile' / 'x.sqlite'}: {tmp_path / 'afile'} or a folder above it is a file"),
+        (["--db", str(tmp_path)], f"error: the sweep database {tmp_path} is not a file"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        assert main(["sweep", str(config), "--no-progress", *extra]) == 2, extra
+        assert _one_error_line(capsys).startswith(message), extra
+    assert config.read_text() == TINY and (tmp_path / "afile").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "other.sqlite", "tiny.toml"]
+    with sqlite3.connect(other) as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["t"]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    bad = tmp_path / "noise.toml"
+    bad.write_text(TINY.replace("b_small = 16", "b_small = 0"))
+    assert main(["sweep", str(bad), "--db", str(tmp_path / "n.sqlite"), "--no-progress"]) == 2
+    assert _one_error_line(capsys) == "error: [noise] b_small must be an integer >= 1, got 0"
+    assert not (tmp_path / "n.sqlite").exists()
 
 
 def test_a_changed_grid_reports_only_its_current_runs(tmp_path):
@@ -286,6 +369,30 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     assert run.status == "finished" and run.resumed_from == 3 and run.attempts == 2  # the killed attempt and this one
     assert run.final["accuracy"] == ref.final["accuracy"]
     assert run.final["loss"] == pytest.approx(ref.final["loss"], rel=1e-5)
+
+
+def test_a_save_removes_stale_temporaries_of_its_checkpoint_only(tmp_path):
+    """A writer killed during a save leaves its temporary file; the next save of the same
+    checkpoint removes it once it is stale, and keeps a fresh one (a writer may be at work)."""
+    import os
+    import time
+
+    from largebatch.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "checkpoint.pt"
+    old = time.time() - 3600  # an hour: stale
+    stale, fresh = tmp_path / ".checkpoint.pt.abc_1234.tmp", tmp_path / ".checkpoint.pt.xyz_5678.tmp"
+    others = [tmp_path / ".checkpoint.pt.bak.abc_1234.tmp", tmp_path / ".other.pt.abc_1234.tmp", tmp_path / "checkpoint.pt.abc_1234.tmp",
+              tmp_path / ".checkpoint.pt.abc_1234.tmp.keep"]  # another target's temporaries, and user files  # fmt: skip
+    for p in [stale, fresh, *others]:
+        p.write_bytes(b"x" * 100)
+    for p in [stale, *others]:
+        os.utime(p, (old, old))
+    save_checkpoint(ckpt, {"step": 3})
+    assert load_checkpoint(ckpt)["step"] == 3
+    assert not stale.exists()
+    assert fresh.exists() and all(p.exists() for p in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [ckpt, fresh, *others])
 
 
 @pytest.mark.timeout(300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,10 +16,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    try:
+        return _run(args)
+    except (ValueError, OSError) as err:  # a missing or foreign database, an unknown --sweep, a bad --out: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as err:  # a damaged database
+        print(f"error: cannot read the sweep database {args.db}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from largebatch.study.report import write_report
 
     if args.db is None and not args.synthetic:
-        print("largebatch report: give a sweep database, --synthetic, or both")
+        print("error: give a sweep database, --synthetic, or both", file=sys.stderr)
         return 2
     import shlex
 

@@ -20,10 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sqlite3
+
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as err:  # a bad config (TOMLDecodeError is a ValueError): one line
+    except (ValueError, OSError) as err:  # a bad config (TOMLDecodeError is a ValueError) or --db: one line
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as err:  # a damaged database
+        print(f"error: sweep database {args.db or 'runs/<sweep name>.sqlite'}: {err}", file=sys.stderr)
         return 2
 
 
@@ -39,10 +44,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name}: {', '.join(f'{v:g}' for v in values)}")
         return 0
     if not args.config:
-        print("largebatch sweep: give a sweep config (TOML), or --grids")
+        print("error: give a sweep config (TOML), or --grids", file=sys.stderr)
         return 2
     if args.workers < 1:
-        print(f"largebatch sweep: --workers must be >= 1, got {args.workers}")
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     spec = SweepSpec.from_toml(args.config)
     unknown = sorted(set(args.only) - {o.label for o in spec.optimizers})
@@ -54,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         planned = [r for r in spec.expand() if not args.only or r.label in args.only]
         statuses = {}
         if db.exists():
-            with ResultStore(db) as store:
+            with ResultStore(db, readonly=True) as store:  # a dry run writes nothing
                 statuses = {r.key: store.status(r.key) for r in planned}
         for r in planned:
             c = r.spec["config"]

@@ -768,17 +768,24 @@ def write_report(
     """Write ``report.md`` and its PNGs into ``out_dir``; return the path of ``report.md``."""
     t = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if db is None and not synthetic:
         raise ValueError("nothing to report: give a sweep database and/or synthetic=True")
     names: list[str] = []
-    if db is not None:
+    if db is not None:  # everything is checked before the report folder is made
         if not Path(db).exists():
             raise FileNotFoundError(f"no sweep database at {db}")
         with ResultStore(db, readonly=True) as store:
-            names = sweeps or store.sweeps()
+            held = store.sweeps()
+        names = list(sweeps or held)
+        unknown = [n for n in names if n not in held]
+        if unknown:
+            raise ValueError(f"no sweep {', '.join(map(repr, unknown))} in {db}; it holds: {', '.join(held) or 'none'}")
         if not names:
             raise ValueError(f"{db} holds no sweeps")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write the report into {out}: it or a folder above it is a file, not a folder") from None
     sections = []
     for name in names:
         study = load_study(db, name)

@@ -213,19 +213,51 @@ class ResultStore:
         if readonly:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no sweep database at {self.path}")
+            self._check_sqlite_header("")
             # No -wal file: no writer is active and nothing is left to checkpoint, so the file is
             # read as immutable (SQLite then creates no -wal/-shm side files beside it either).
             live = self.path.with_name(self.path.name + "-wal").exists()
             uri = f"{self.path.resolve().as_uri()}?mode=ro" + ("" if live else "&immutable=1")
             self.conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
+            try:
+                tables = {r["name"] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            except sqlite3.DatabaseError as err:
+                self.conn.close()
+                raise ValueError(f"{self.path} is not a sweep database (SQLite: {err})") from None
+            if not {"runs", "sweeps"} <= tables:
+                self.conn.close()
+                raise ValueError(f"{self.path} is not a sweep database (it has no runs and sweeps tables): give a "
+                                 f"database written by `largebatch sweep`")  # fmt: skip
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            if not self.path.is_file():
+                raise ValueError(f"the sweep database {self.path} is not a file; give a file name")
+            self._check_sqlite_header(", or a new file name")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ValueError(f"cannot create the sweep database {self.path}: {self.path.parent} or a folder above it "
+                             f"is a file, not a folder") from None  # fmt: skip
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
+        tables = {r["name"] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and not tables & {"runs", "members", "sweeps", "invocations"}:  # another program's database
+            self.conn.close()
+            raise ValueError(f"{self.path} is an SQLite database of something else (tables: {', '.join(sorted(tables))}); "
+                             f"it was left as it is: give a database written by `largebatch sweep`, or a new file name")  # fmt: skip
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_SCHEMA)
+
+    def _check_sqlite_header(self, alternative: str) -> None:
+        """Refuse, without writing to it, a file that is not an SQLite database (an empty file is
+        one: SQLite starts a new database in it)."""
+        with open(self.path, "rb") as f:
+            head = f.read(16)
+        if head and head != b"SQLite format 3\x00":
+            raise ValueError(f"{self.path} is not a sweep database (not an SQLite file; it was left as it is): give "
+                             f"a database written by `largebatch sweep`{alternative}")  # fmt: skip
 
     def close(self) -> None:
         self.conn.close()

@@ -170,9 +170,18 @@ class NoiseSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NoiseSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"[noise] must be a table, got {d!r}")
         _check_keys(d, _NOISE_KEYS, "[noise]")
-        spec = cls(tuple(d.get("labels", ())), tuple(int(b) for b in d.get("batch_sizes", ())), int(d.get("b_small", 32)),
-                   int(d.get("b_big", 512)), int(d.get("batches", 4)), bool(d.get("untuned_only", True)))  # fmt: skip
+        labels = d.get("labels", [])
+        if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"[noise] labels must be a list of optimizer labels (strings), got {labels!r}")
+        untuned_only = d.get("untuned_only", True)
+        if not isinstance(untuned_only, bool):  # bool("false") would be True
+            raise ValueError(f"[noise] untuned_only must be true or false (a TOML boolean, unquoted), got {untuned_only!r}")
+        spec = cls(tuple(labels), _ints("[noise] batch_sizes", d.get("batch_sizes", []), 1, empty=True),
+                   _int("[noise] b_small", d.get("b_small", 32), 1), _int("[noise] b_big", d.get("b_big", 512), 1),
+                   _int("[noise] batches", d.get("batches", 4), 1), untuned_only)  # fmt: skip
         if spec.b_big % spec.b_small or spec.b_big <= spec.b_small:
             raise ValueError(f"[noise] b_big ({spec.b_big}) must be a multiple of b_small ({spec.b_small}) and larger")
         return spec

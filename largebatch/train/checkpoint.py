@@ -9,15 +9,43 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
+# A temporary file of a target untouched for this long was left by a writer that was killed.
+STALE_TMP_SECONDS = 600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` that a killed writer left (SIGKILL skips the cleanup in
+    :func:`atomic_write_bytes`): files named exactly as ``mkstemp`` names them for this target
+    (``.{name}.XXXXXXXX.tmp``) and not modified for :data:`STALE_TMP_SECONDS`. A newer one may
+    belong to a writer at work and is kept; nothing else is touched."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+    now = time.time()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
+                os.unlink(entry.path)
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then atomically replace ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, then atomically replace ``path``
+    (and remove stale temporaries of ``path`` left by writers that were killed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,6 +62,7 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
         except FileNotFoundError:
             pass
         raise
+    _remove_stale_temporaries(path)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
