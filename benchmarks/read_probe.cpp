@@ -1,5 +1,6 @@
-// Memory-read probe behind docs/bench.md "What limits the ratio": how fast the cores read, and
-// what two other orders of LAMB's passes would cost, on plain arrays (no torch, no largebatch).
+// Memory-read probe behind docs/bench.md "What limits the ratio": how fast the cores read, what two
+// other orders of LAMB's passes would cost, and how much of a buffer just read the caches still
+// hold for a second pass, on plain arrays (no torch, no largebatch).
 //
 //   c++ -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off benchmarks/read_probe.cpp -o /tmp/read_probe
 //   /tmp/read_probe            # 25M float32 elements, 2 threads (READ_PROBE_N, READ_PROBE_THREADS override)
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -123,6 +125,32 @@ void pass2() {
   }
 }
 
+// Whether the caches keep streamed data for a second pass: one thread reads a buffer of `mib` MiB
+// from DRAM, then reads it again at once. Returns (first read, second read) in GB/s, medians.
+std::pair<double, double> reread(size_t mib) {
+  const size_t count = (mib << 20) / sizeof(float);
+  std::vector<float> buf(count, 1.0f);
+  std::vector<double> first, second;
+  for (int k = 0; k < 15; ++k) {
+    flush();
+    float sum = 0;
+    auto t0 = std::chrono::steady_clock::now();
+#pragma omp simd reduction(+ : sum)
+    for (size_t j = 0; j < count; ++j) sum += buf[j];
+    auto t1 = std::chrono::steady_clock::now();
+#pragma omp simd reduction(+ : sum)
+    for (size_t j = 0; j < count; ++j) sum += buf[j];
+    auto t2 = std::chrono::steady_clock::now();
+    if (sum == 0) std::printf("unexpected sum\n");
+    first.push_back(std::chrono::duration<double>(t1 - t0).count());
+    second.push_back(std::chrono::duration<double>(t2 - t1).count());
+  }
+  std::sort(first.begin(), first.end());
+  std::sort(second.begin(), second.end());
+  const double gb = double(count) * sizeof(float) / 1e9;
+  return {gb / first[first.size() / 2], gb / second[second.size() / 2]};
+}
+
 void copy_pass() {  // a += 0.5 b over x and g: the bandwidth `largebatch bench` states (12 B per element)
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = 0; j < n; ++j) x[j] += 0.5f * g[j] * 1e-9f;
@@ -160,5 +188,9 @@ int main() {
   std::printf("check + pass 1 + pass 2 (the kernel's order, 44 B): %.2f ms\n", c + p1 + p2);
   std::printf("read-only pass 1 (16 B) + read-write pass 2 (28 B), check folded in: %.2f + %.2f = %.2f ms\n", r1, r2,
               r1 + r2);
+  for (size_t mib : {1, 2, 4, 8, 16, 32, 64}) {
+    const auto [cold, again] = reread(mib);
+    std::printf("one thread reads %zu MiB: %.1f GB/s from DRAM, %.1f GB/s read again at once\n", mib, cold, again);
+  }
   return 0;
 }

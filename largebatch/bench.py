@@ -16,7 +16,8 @@ drift by 15-25% between runs):
   timed steps. Before every timed step the caches are flushed by reading a buffer larger than the
   last-level cache, as after a backward pass, so no implementation profits from the loop.
 * Bandwidth: the median time of an in-place ``a += alpha * b`` over two buffers of the largest size
-  (12 bytes per element moved), in the same run.
+  (12 bytes per element moved), in the same run, before the timing (the floor's) and after it (a
+  change shows that the memory traffic of other machines on a shared host drifted meanwhile).
 * Extra peak memory: in a subprocess per implementation, with glibc's ``mmap`` threshold fixed at
   64 KiB (so that freed temporaries leave the resident set at once). After a tiny instance of the
   optimizer has run (imports, kernels, thread pools), the resident set is read; the optimizer is
@@ -431,7 +432,7 @@ def run_benchmark(
     impls: list[str] | None = None,
     *,
     repeats: int = 10,
-    rounds: int = 2,
+    rounds: int = 5,
     warmup: int = 2,
     reference: bool = False,
     memory: bool = True,
@@ -490,6 +491,9 @@ def run_benchmark(
                 gc.collect()
             log(f"[{size}] round {r + 1}/{rounds} done")
         result["sizes"][size]["cpu_share_of_other_processes"] = load.stop()
+        # Memory traffic of other machines on the same host does not show as CPU time here; the
+        # bandwidth measured again after the timing shows whether it drifted meanwhile.
+        result["sizes"][size]["bandwidth_after_GBps"] = round(measure_bandwidth(max(numel, 16 << 20)), 2)
         del params
         gc.collect()
         if memory:

@@ -476,6 +476,7 @@ def test_bench_quick_writes_json(tmp_path):
     assert main(["bench", "--quick", "--impl", *impls, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["sizes"]) == {"2M"}
+    assert result["sizes"]["2M"]["bandwidth_GBps"] > 0 and result["sizes"]["2M"]["bandwidth_after_GBps"] > 0
     rows = {r["impl"]: r for r in result["rows"]}
     assert set(rows) == set(impls)
     for name in ("lamb", "lars", "adamw-fused", "sgd-foreach"):

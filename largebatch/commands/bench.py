@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"implementations to time (default: all): {', '.join(bench.IMPL_NAMES)}")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per implementation (default 20)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="the timed steps are split over this many rounds in rotating order (default 2)")
+                        help="the timed steps are split over this many rounds in rotating order, so that a "
+                             "drift of the machine's speed reaches every implementation alike (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before each block (default 2)")
     parser.add_argument("--reference", action="store_true",
                         help=f"also time the single-tensor reference paths above {bench.SLOW_LIMIT // 10**6}M parameters")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             pick(args.sizes, ["25M", "110M"], ["2M"]),
             args.impl,
             repeats=pick(args.repeats, 20, 3),
-            rounds=pick(args.rounds, 2, 1),
+            rounds=pick(args.rounds, 5, 1),
             warmup=pick(args.warmup, 2, 1),
             reference=args.reference,
             memory=pick(args.memory, True, False),
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         other = info.get("cpu_share_of_other_processes")
         print(f"{size}: {info['description']}: {info['params'] / 1e6:.1f}M parameters, {info['tensors']} tensors, "
               f"bandwidth {info['bandwidth_GBps']} GB/s"
+              + (f" before the timing, {info['bandwidth_after_GBps']} GB/s after" if "bandwidth_after_GBps" in info else "")
               + (f"; other processes used {other:.0%} of the CPU time meanwhile" if other is not None else ""))
     for opt, info in result.get("compile", {}).items():
         print(f"fused CPU kernel ({opt}, float32): cold build {info['cold_build_s']} s"
