@@ -81,6 +81,36 @@ def test_unknown_optimizer_name_lists_valid_names():
         create_optimizer("lamb2", P(), lr=0.1)
 
 
+@pytest.mark.parametrize(
+    "name,option,value,message",
+    [
+        ("sgd", "nesterov", "False", r"nesterov='False' for optimizer 'sgd': it must be true or false \(default False\)"),
+        ("adamw", "amsgrad", "no", r"amsgrad='no' for optimizer 'adamw': it must be true or false"),
+        ("adamw", "eps", "x", r"eps='x' for optimizer 'adamw': it must be a finite number \(default 1e-08\)"),
+        ("momentum", "momentum", True, r"momentum=True for optimizer 'momentum': it must be a finite number"),
+        ("adagrad", "lr_decay", float("nan"), r"lr_decay=nan for optimizer 'adagrad': it must be a finite number"),
+        ("adam", "betas", [0.9], r"betas=\[0.9\] for optimizer 'adam': it must be a list of 2 finite numbers"),
+        ("adamw", "foreach", 1, r"foreach=1 for optimizer 'adamw': it must be null, true or false"),
+    ],
+)
+def test_torch_optimizer_options_of_the_wrong_kind_are_refused(name, option, value, message):
+    """A command-line value that is not JSON arrives as text, and torch's optimizers take "False" as true."""
+    with pytest.raises(ValueError, match=r"Invalid option " + message):
+        create_optimizer(name, P(), lr=0.1, **{option: value})
+
+
+def test_torch_optimizer_options_of_the_right_kind_are_taken():
+    opt = create_optimizer("adamw", P(), lr=0.1, betas=[0.8, 0.9], amsgrad=True, foreach=None, eps=1)
+    assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["amsgrad"] is True and opt.defaults["eps"] == 1
+    assert create_optimizer("sgd", P(), lr=0.1, nesterov=False).defaults["nesterov"] is False
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_master_weights_must_be_a_bool(cls):
+    with pytest.raises(ValueError, match=r"Invalid master_weights: 'no'; it must be True or False"):
+        cls(P(), master_weights="no")
+
+
 def test_fused_true_without_backend_is_a_clear_error(monkeypatch):
     import largebatch.optim._layerwise as lw
 

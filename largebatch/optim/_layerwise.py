@@ -63,6 +63,8 @@ class LayerwiseOptimizer(Optimizer):
             raise ValueError(f"Invalid fused: {fused!r}; allowed values are None (auto), True, False")
         if fused and foreach is False:
             raise ValueError("fused=True and foreach=False contradict each other; choose one path")
+        if not isinstance(master_weights, bool):  # "no" would be true
+            raise ValueError(f"Invalid master_weights: {master_weights!r}; it must be True or False")
         self._check_group(self._resolve_group(dict(defaults), defaults))
         super().__init__(params, defaults)  # validates every group through add_param_group
         self.fused = fused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -65,6 +66,32 @@ def check_optimizer_options(name: str, options: Mapping) -> None:
             f"Unknown option(s) {', '.join(unknown)} for optimizer {name!r} "
             f"({OPTIMIZERS[name].cls.__name__}); allowed: {', '.join(accepted)}"
         )
+    if not OPTIMIZERS[name].layerwise:  # Lamb and Lars check their own values; torch's optimizers take "False" as true
+        signature = inspect.signature(OPTIMIZERS[name].cls.__init__).parameters
+        for option, value in options.items():
+            _check_torch_option(name, option, value, signature[option].default)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_torch_option(name: str, option: str, value, default) -> None:
+    """A value of the kind of the constructor's default: a bool for a bool, a finite number for a
+    number, a sequence of numbers for a tuple, None or a bool where the default is None (foreach,
+    fused).
+    Text is never taken (torch optimizers treat any non-empty string as true)."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = _is_number(value), "a finite number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))
+        kind = f"a list of {len(default)} finite numbers"
+    else:
+        ok, kind = value is None or isinstance(value, bool), "null, true or false"
+    if not ok:
+        raise ValueError(f"Invalid option {option}={value!r} for optimizer {name!r}: it must be {kind} (default {default!r})")
 
 
 def create_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, **options) -> torch.optim.Optimizer:
@@ -79,4 +106,6 @@ def create_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, **
     if not info.layerwise:
         params = [{k: v for k, v in g.items() if k != "adapt"} if isinstance(g, dict) else g for g in params]
     kwargs = {**info.defaults, **options}
+    if not info.layerwise:  # a JSON list for a tuple default (betas)
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return info.cls(params, lr=lr, weight_decay=weight_decay, **kwargs)

@@ -85,6 +85,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_optimizer_options(self.optimizer, self.optimizer_options)  # before any data is loaded
+        if self.max_grad_norm is not None and "max_grad_norm" in self.optimizer_options:
+            raise ValueError(
+                f"max_grad_norm is given twice (max_grad_norm={self.max_grad_norm!r} and the optimizer option "
+                f"max_grad_norm={self.optimizer_options['max_grad_norm']!r}); give it once (--max-grad-norm)"
+            )
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ValueError(f"Invalid batch_size: {self.batch_size!r}; it must be a positive integer")
         if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int) or self.micro_batch_size <= 0):
