@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,47 @@ def test_default_name_patterns_match_layer_names_not_parts_of_words():
     for name in ["kiln_proj.weight", "model.bnb.weight", "encoder.bneck.weight", "unbn.weight", "kiln.weight",
                  "fc.weight", "attn.c_proj.weight", "embed.weight"]:  # fmt: skip
         assert not is_excluded(name, w, by_ndim=False), name
+
+
+def _decayed(groups):
+    return sorted(n for g in groups if g["weight_decay"] > 0 for n in g["param_names"])
+
+
+def test_normalisation_modules_are_excluded_whatever_their_names_without_by_ndim():
+    """torch's Transformer calls its LayerNorms norm1/norm2; a GroupNorm "gn", an RMSNorm "rms":
+    no name pattern catches those, the module type does."""
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    groups = param_groups(layer, 0.1, by_ndim=False)
+    assert _decayed(groups) == ["linear1.weight", "linear2.weight", "self_attn.in_proj_weight", "self_attn.out_proj.weight"]
+    assert sorted(n for g in groups if g["adapt"] for n in g["param_names"]) == _decayed(groups)
+    net = torch.nn.Sequential()
+    net.add_module("gn", torch.nn.GroupNorm(2, 4))
+    net.add_module("rms", torch.nn.RMSNorm(4))
+    net.add_module("proj", torch.nn.Linear(4, 4, bias=False))
+    net.add_module("scale", torch.nn.Module())
+    net.scale.gamma = torch.nn.Parameter(torch.ones(4))  # a 1-D parameter that is no norm's: decayed
+    assert _decayed(param_groups(net, 0.1, by_ndim=False)) == ["proj.weight", "scale.gamma"]
+
+
+def test_no_weight_decay_hook_through_compile_and_its_prefix():
+    class ViTish(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 8))
+            self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+            self.head = torch.nn.Linear(8, 8)
+
+        def no_weight_decay(self):
+            return {"pos_embed", "cls_token"}
+
+    model = ViTish()
+    assert _decayed(param_groups(model, 0.1)) == ["head.weight"]
+    assert _decayed(param_groups(torch.compile(model), 0.1)) == ["_orig_mod.head.weight"]  # the hook's names matched
+
+
+def test_bad_weight_decay_and_patterns_are_refused():
+    for value in (float("nan"), -0.1, "0.1", True):
+        with pytest.raises(ValueError, match=r"Invalid weight_decay value: .*; it must be a number >= 0"):
+            param_groups(torch.nn.Linear(2, 2), value)
+    with pytest.raises(ValueError, match=r"Invalid exclude_from_weight_decay: \[None\]; the patterns must be strings"):
+        param_groups(torch.nn.Linear(2, 2), 0.1, exclude_from_weight_decay=[None])

@@ -18,10 +18,43 @@ DEFAULT_EXCLUDE_PATTERNS = (
 )  # fmt: skip
 
 
+# Modules whose parameters are normalisation parameters whatever they are called.
+NORM_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)  # fmt: skip
+
+
+def _unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module inside ``torch.compile`` and DDP wrappers, and the prefix of its parameter names."""
+    prefix = ""
+    while True:
+        inner = model._modules.get("_orig_mod")  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module) and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+            prefix += "module."
+        elif isinstance(inner, nn.Module):
+            prefix += "_orig_mod."
+        else:
+            return model, prefix
+        model = inner
+
+
 def _model_no_weight_decay(model: nn.Module) -> set[str]:
-    """Names returned by ``model.no_weight_decay()`` (timm's hook), if the model has one."""
-    hook = getattr(model, "no_weight_decay", None)
-    return set(hook()) if callable(hook) else set()
+    """Names returned by ``model.no_weight_decay()`` (timm's hook), if the model has one, as
+    ``model.named_parameters()`` names them (a compiled or DDP-wrapped model's prefix added)."""
+    inner, prefix = _unwrapped(model)
+    hook = getattr(inner, "no_weight_decay", None)
+    return {prefix + n for n in hook()} if callable(hook) else set()
+
+
+def _norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that belong to normalisation modules (:data:`NORM_MODULES`)."""
+    return {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if isinstance(module, NORM_MODULES)
+        for name, _ in module.named_parameters(recurse=False)
+    }
 
 
 def is_excluded(
@@ -56,8 +89,9 @@ def param_groups(
         model: the module whose ``named_parameters()`` are grouped (frozen ones are left out).
         weight_decay: the decay of the parameters that are not excluded.
         exclude_from_weight_decay: "default" (ndim <= 1 if ``by_ndim``, DEFAULT_EXCLUDE_PATTERNS,
-            and the names of ``model.no_weight_decay()``), "none", or an iterable of fnmatch
-            patterns / exact names used instead of the default patterns.
+            the parameters of normalisation modules (:data:`NORM_MODULES`, whatever their names)
+            and the names of ``model.no_weight_decay()``, also through ``torch.compile`` and DDP
+            wrappers), "none", or an iterable of fnmatch patterns / exact names used instead.
         exclude_from_adaptation: "same" (the BERT/TF Addons practice: whatever is excluded from
             weight decay is also excluded from the trust ratio), "default", "none", or patterns.
         by_ndim: treat every parameter with ndim <= 1 as excluded under "default".
@@ -68,7 +102,9 @@ def param_groups(
         A list of param-group dicts (empty groups dropped), each with "params", "param_names",
         "weight_decay" and "adapt" (and "lr_scale" where given). torch optimizers ignore "adapt".
     """
-    model_names = _model_no_weight_decay(model)
+    if not (isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay >= 0):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; it must be a number >= 0")
+    model_names = _model_no_weight_decay(model) | _norm_parameter_names(model)
 
     def rule(spec, what: str):
         if isinstance(spec, str):
@@ -79,12 +115,12 @@ def param_groups(
             raise ValueError(f"Invalid {what}: {spec!r}; allowed are 'default', 'none'"
                              + (", 'same'" if what == "exclude_from_adaptation" else "") + " or a list of name patterns")
         pats = tuple(spec)
+        if not all(isinstance(pat, str) for pat in pats):
+            raise ValueError(f"Invalid {what}: {spec!r}; the patterns must be strings (fnmatch patterns or names)")
         return lambda n, p: is_excluded(n, p, by_ndim=False, patterns=pats, names=())
 
     no_decay = rule(exclude_from_weight_decay, "exclude_from_weight_decay")
     no_adapt = no_decay if exclude_from_adaptation == "same" else rule(exclude_from_adaptation, "exclude_from_adaptation")
-    if weight_decay < 0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; it must be >= 0")
 
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
