@@ -237,6 +237,8 @@ def test_bad_inputs_have_clear_errors(mnist, tmp_path):
         fit(TrainConfig(precision="fp8"), task=mnist)
     with pytest.raises(ValueError, match=r"max_grad_norm is given twice \(max_grad_norm=1000.0 and the optimizer option max_grad_norm=0.001\)"):
         fit(TrainConfig(max_grad_norm=1e3, optimizer_options={"max_grad_norm": 1e-3}), task=mnist)
+    with pytest.raises(ValueError, match=r"Invalid exclude_from_adaptation: 'biases'; allowed are 'same', 'default', 'none'"):
+        fit(TrainConfig(exclude_from_adaptation="biases"), task=mnist)  # checked before any data is loaded
     for seed in (10**14, -1, 1.5):  # 10**14 overflowed the data-order generator's seed
         with pytest.raises(ValueError, match=rf"Invalid seed: {seed!r}; it must be an integer in \[0, 2\*\*31 - 1\]"):
             fit(TrainConfig(seed=seed), task=mnist)
@@ -422,3 +424,18 @@ def test_check_device_knows_what_the_machine_has(monkeypatch):
         check_device("cuda")
     with pytest.raises(ValueError, match="Invalid device 'gpu0'"):
         check_device("gpu0")
+
+
+def test_cli_exclude_from_adaptation_reaches_the_config():
+    import argparse
+
+    from largebatch.commands import train as train_command
+
+    parser = argparse.ArgumentParser()
+    train_command.add_arguments(parser)
+    rule = lambda *words: train_command.config_from_args(parser.parse_args(list(words))).exclude_from_adaptation  # noqa: E731
+    assert rule() == "same"
+    assert rule("--exclude-from-adaptation", "none") == "none"
+    assert rule("--exclude-from-adaptation", "*bias", "*norm*") == ["*bias", "*norm*"]
+    cfg = train_command.config_from_args(parser.parse_args(["--exclude-from-adaptation", "*bias"]))
+    cfg.validate()  # a list of patterns is allowed

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (biases/norms excluded)")
     p.add_argument("--max-grad-norm", type=float, default=None,
                    help="global gradient-norm clipping (Lamb/Lars inside their step, torch optimizers by clip_grad_norm_)")
+    p.add_argument("--exclude-from-adaptation", nargs="+", default=["same"], metavar="RULE",
+                   help="parameters without the trust ratio (Lamb/Lars): same (those excluded from weight decay, "
+                        "the default), default (biases and norms), none, or name patterns such as '*bias' '*norm*'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"])
@@ -66,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _adaptation_rule(words: list[str]):
+    """One of the named rules, given alone, or the list of patterns."""
+    return words[0] if len(words) == 1 and words[0] in ("same", "default", "none") else list(words)
+
+
 def config_from_args(args: argparse.Namespace):
     from largebatch.train.loop import TrainConfig
 
@@ -76,6 +84,7 @@ def config_from_args(args: argparse.Namespace):
         lr=args.lr, base_lr=args.base_lr, base_batch=args.base_batch, lr_rule=args.lr_rule,
         warmup_epochs=args.warmup_epochs, warmup_rule=args.warmup_rule, decay=args.decay, power=args.power,
         decay_epochs=tuple(args.decay_epochs), weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        exclude_from_adaptation=_adaptation_rule(args.exclude_from_adaptation),
         seed=args.seed, eval_every=args.eval_every, precision=args.precision, device=args.device,
         out_dir=args.out_dir, checkpoint_every=args.checkpoint_every, resume=not args.no_resume,
         tensorboard=args.tensorboard, log_every=args.log_every, max_steps=args.max_steps,

@@ -85,6 +85,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_optimizer_options(self.optimizer, self.optimizer_options)  # before any data is loaded
+        adaptation = self.exclude_from_adaptation
+        if not (adaptation in ("same", "default", "none") or (
+            isinstance(adaptation, (list, tuple)) and all(isinstance(p, str) for p in adaptation)
+        )):  # fmt: skip
+            raise ValueError(
+                f"Invalid exclude_from_adaptation: {adaptation!r}; allowed are 'same', 'default', 'none' "
+                "or a list of name patterns"
+            )
         if self.max_grad_norm is not None and "max_grad_norm" in self.optimizer_options:
             raise ValueError(
                 f"max_grad_norm is given twice (max_grad_norm={self.max_grad_norm!r} and the optimizer option "
