@@ -446,3 +446,123 @@ def test_bert_parameter_names_allow_exclusions(bert):
     assert any("LayerNorm" in n for n in names) and any(n.endswith(".bias") for n in names)
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     pickle.dumps(model.state_dict())
+
+
+# Bad model shapes are refused before any data work: a missing data_dir is never reached.
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(layers=-1), "layers must be an integer >= 1, got -1"),
+        (dict(layers="0"), "layers must be an integer >= 1, got 0"),
+        (dict(intermediate=0), "intermediate must be an integer >= 1, got 0"),
+        (dict(intermediate="-1"), "intermediate must be an integer >= 1, got -1"),
+        (dict(heads=0), "heads must be an integer >= 1, got 0"),
+        (dict(hidden=0), "hidden must be an integer >= 1, got 0"),
+        (dict(hidden="-8"), "hidden must be an integer >= 1, got -8"),
+        (dict(layers="1.5"), "layers must be an integer, got 1.5"),
+        (dict(heads=3), "hidden size 128 (hidden, the default) must be divisible by the number of attention heads 3 "
+                        "(heads); for hidden size 128, heads may be 1, 2, 4, 8, 16, 32, 64, 128"),
+        (dict(hidden=100, heads=8), "hidden size 100 (hidden) must be divisible by the number of attention heads 8 "
+                                    "(heads); for hidden size 100, heads may be 1, 2, 4, 5, 10, 20, 25, 50, 100"),
+        (dict(config=[1, 2]), "config must be a dict, a BertConfig or a JSON file path, got [1, 2]"),
+    ],
+)
+def test_bert_refuses_bad_shape_options(tmp_path, options, message):
+    with pytest.raises(ValueError) as info:
+        get_task("bert-mlm", data_dir=tmp_path / "no-corpus", **options)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ([1, 2], "BERT config file {path} must hold a JSON object of BertConfig fields (e.g. {{\"hidden_size\": 128}}), "
+                 "got a JSON list"),
+        ("not json", None),
+        ({"hidden_size": "64"}, "hidden_size in config file {path} must be an integer >= 1, got '64'"),
+        ({"hidden_size": 64.0}, "hidden_size in config file {path} must be an integer >= 1, got 64.0"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers in config file {path} must be an integer >= 1, got 0"),
+        ({"intermediate_size": -1}, "intermediate_size in config file {path} must be an integer >= 1, got -1"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings in config file {path} must be an integer >= 1, got 0"),
+        ({"type_vocab_size": True}, "type_vocab_size in config file {path} must be an integer >= 1, got True"),
+        ({"hidden_size": 64, "num_attention_heads": 3},
+         "hidden size 64 (hidden_size in config file {path}) must be divisible by the number of attention heads 3 "
+         "(num_attention_heads in config file {path}); for hidden size 64, heads may be 1, 2, 4, 8, 16, 32, 64"),
+        ({"hidden_dropout_prob": 1.0}, "hidden_dropout_prob in config file {path} must be a probability in [0, 1), got 1.0"),
+        ({"attention_probs_dropout_prob": -0.1},
+         "attention_probs_dropout_prob in config file {path} must be a probability in [0, 1), got -0.1"),
+        ({"classifier_dropout": "0.1"},
+         "classifier_dropout in config file {path} must be a probability in [0, 1) or null, got '0.1'"),
+        ({"layer_norm_eps": 0}, "layer_norm_eps in config file {path} must be a number > 0, got 0"),
+        ({"initializer_range": -0.02}, "initializer_range in config file {path} must be a number >= 0, got -0.02"),
+        ({"pad_token_id": -1}, "pad_token_id in config file {path} must be an integer >= 0 (a token id) or null, got -1"),
+        ({"is_decoder": True}, "is_decoder in config file {path} must be false (bert-mlm trains a bidirectional encoder), got True"),
+        ({"vocab_size": 50}, "vocab_size in config file {path} must be at least 100, got 50"),
+        ({"use_cache": "yes"}, "invalid BERT config file {path}: Validation error for field 'use_cache': "
+                               "TypeError: Field 'use_cache' expected bool, got str (value: 'yes')"),
+    ],
+)
+def test_bert_refuses_bad_config_values(tmp_path, config, message):
+    path = tmp_path / "bert.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(ValueError) as info:
+        get_task("bert-mlm", data_dir=tmp_path / "no-corpus", config=str(path))
+    if message is None:
+        assert str(info.value).startswith(f"BERT config file {path} is not valid JSON: Expecting value")
+    else:
+        assert str(info.value) == message.format(path=path)
+
+
+def test_bert_refuses_unknown_activation(tmp_path):
+    from transformers.activations import ACT2FN
+
+    from largebatch.train.tasks.bert import bert_activations
+
+    assert bert_activations() == sorted(ACT2FN) and {"gelu", "relu", "gelu_new", "tanh"} <= set(bert_activations())
+    path = tmp_path / "bert.json"
+    path.write_text(json.dumps({"hidden_act": "nope"}))
+    with pytest.raises(ValueError) as info:
+        get_task("bert-mlm", data_dir=tmp_path / "no-corpus", config=str(path))
+    assert str(info.value) == f"hidden_act in config file {path} must be one of {', '.join(sorted(ACT2FN))}; got 'nope'"
+    with pytest.raises(ValueError, match=r"^hidden_act in config must be one of gelu, .*; got None$"):
+        get_task("bert-mlm", data_dir=tmp_path / "no-corpus", config={"hidden_act": None})
+    # An option overrides the config, and the message names the option that set the bad value.
+    with pytest.raises(ValueError, match=r"^heads must be an integer >= 1, got 0$"):
+        get_task("bert-mlm", data_dir=tmp_path / "no-corpus", config={"num_attention_heads": 4}, heads="0")
+
+
+def test_bert_cli_reports_bad_shape_in_one_line(tmp_path, capsys):
+    from largebatch import cli
+
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    base = ["train", "--task", "bert-mlm", "--task-option", f"data_dir={tmp_path / 'no-corpus'}", "--max-steps", "1"]
+    for option, message in (("layers=-1", "layers must be an integer >= 1, got -1"),
+                            ("hidden=0", "hidden must be an integer >= 1, got 0"),
+                            (f"config={path}", f"BERT config file {path} must hold a JSON object")):  # fmt: skip
+        assert cli.main(base + ["--task-option", option]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_bert_valid_config_values_still_build(bert_cache, tmp_path):
+    import shutil
+
+    from largebatch.train.data import default_data_dir
+
+    works = default_data_dir() / "shakespeare" / "works"
+    for name in ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle"):
+        shutil.copy(works / f"{name}.txt.gz", tmp_path)
+    options = dict(data_dir=tmp_path, seq_len=32, vocab_size=300, eval_works="phoenix_and_the_turtle", train_subset=4)
+    config = {"hidden_size": 48, "num_attention_heads": 3, "hidden_act": "relu", "hidden_dropout_prob": 0,
+              "classifier_dropout": None, "initializer_range": 1, "layer_norm_eps": 1e-5, "pad_token_id": None}  # fmt: skip
+    task = get_task("bert-mlm", layers=1, config=config, **options)
+    cfg = task.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (1, 48, 3, 192)
+    assert (cfg.hidden_act, cfg.hidden_dropout_prob, cfg.initializer_range, cfg.pad_token_id) == ("relu", 0, 1.0, None)
+    torch.manual_seed(0)
+    loss_sum, _ = task.loss(task.build_model(), task.get_batch("train", torch.arange(2), gen(0)))
+    assert torch.isfinite(loss_sum)
+    with pytest.raises(ValueError) as info:
+        get_task("bert-mlm", config={"pad_token_id": 300}, **options)
+    assert str(info.value) == "pad_token_id in config must be a token id below the vocabulary size 300, got 300"

@@ -276,18 +276,98 @@ class BertForMaskedLMAtPositions(BertForMaskedLM):
         return self.cls(hidden)
 
 
-def _user_config(config: Any) -> dict[str, Any]:
+def _user_config(config: Any) -> tuple[dict[str, Any], str]:
+    """The ``config`` argument's fields and where they came from, for messages: ``"config file
+    PATH"`` or ``"config"``. Refuses anything but a dict, a ``BertConfig`` or the path of a JSON
+    file holding an object."""
     if config is None:
-        return {}
+        return {}, "config"
     if isinstance(config, dict):
-        return dict(config)
+        return dict(config), "config"
     if hasattr(config, "to_dict"):
-        return config.to_dict()
+        return config.to_dict(), "config"
+    if not isinstance(config, (str, os.PathLike)):
+        raise ValueError(f"config must be a dict, a BertConfig or a JSON file path, got {config!r}")
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"BERT config file {path} not found (pass a dict or a JSON file path)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"BERT config file {path} is not valid JSON: {err}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(
+            f"BERT config file {path} must hold a JSON object of BertConfig fields "
+            f'(e.g. {{"hidden_size": 128}}), got a JSON {type(fields).__name__}'
+        )
+    return fields, f"config file {path}"
+
+
+# BertConfig fields that are sizes (integers >= 1), with the task option that sets each (if any).
+SIZE_FIELDS = {
+    "num_hidden_layers": "layers",
+    "hidden_size": "hidden",
+    "num_attention_heads": "heads",
+    "intermediate_size": "intermediate",
+    "max_position_embeddings": None,
+    "type_vocab_size": None,
+}
+# BertConfig fields that are dropout probabilities, in [0, 1) (``classifier_dropout`` may be null).
+PROBABILITY_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+
+
+def bert_activations() -> list[str]:
+    """The ``hidden_act`` names BERT accepts: the keys of transformers' ``ACT2FN``."""
+    from transformers.activations import ACT2FN
+
+    return sorted(ACT2FN)
+
+
+def _check_bert_fields(fields: dict[str, Any], label) -> None:
+    """Refuses model-shape and other ``BertConfig`` values that would build a broken or empty model
+    (or fail later with a traceback). ``label(key)`` names a field for messages. Converts integral
+    ``initializer_range``/``layer_norm_eps`` to float (``BertConfig`` wants floats); everything
+    else is left as it is."""
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value) -> bool:
+        return (is_int(value) or isinstance(value, float)) and value == value and abs(value) != float("inf")
+
+    for key in SIZE_FIELDS:
+        if key in fields and not (is_int(fields[key]) and fields[key] >= 1):
+            raise ValueError(f"{label(key)} must be an integer >= 1, got {fields[key]!r}")
+    hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
+    if hidden % heads:
+        divisors = ", ".join(str(d) for d in range(1, hidden + 1) if hidden % d == 0)
+        raise ValueError(
+            f"hidden size {hidden} ({label('hidden_size')}) must be divisible by the number of attention heads "
+            f"{heads} ({label('num_attention_heads')}); for hidden size {hidden}, heads may be {divisors}"
+        )
+    for key in PROBABILITY_FIELDS:
+        if key not in fields or (key == "classifier_dropout" and fields[key] is None):
+            continue
+        if not (is_number(fields[key]) and 0 <= fields[key] < 1):
+            none = " or null" if key == "classifier_dropout" else ""
+            raise ValueError(f"{label(key)} must be a probability in [0, 1){none}, got {fields[key]!r}")
+    for key, low, allowed in (("layer_norm_eps", 0.0, "a number > 0"), ("initializer_range", None, "a number >= 0")):
+        if key in fields:
+            value = fields[key]
+            if not (is_number(value) and (value > 0 if low is not None else value >= 0)):
+                raise ValueError(f"{label(key)} must be {allowed}, got {value!r}")
+            fields[key] = float(value) if is_int(value) else value
+    if "hidden_act" in fields:
+        allowed = bert_activations()
+        if not (isinstance(fields["hidden_act"], str) and fields["hidden_act"] in allowed):
+            raise ValueError(f"{label('hidden_act')} must be one of {', '.join(allowed)}; got {fields['hidden_act']!r}")
+    pad = fields.get("pad_token_id")
+    if pad is not None and not (is_int(pad) and pad >= 0):
+        raise ValueError(f"{label('pad_token_id')} must be an integer >= 0 (a token id) or null, got {pad!r}")
+    for key in ("is_decoder", "add_cross_attention"):
+        if fields.get(key, False) is not False:
+            raise ValueError(f"{label(key)} must be false (bert-mlm trains a bidirectional encoder), got {fields[key]!r}")
 
 
 class BertMlmTask(Task):
@@ -303,7 +383,10 @@ class BertMlmTask(Task):
             they override the same fields of ``config``.
         config: any ``BertConfig`` fields, as a dict, a ``BertConfig`` or a JSON file path.
             ``vocab_size`` there is the tokenizer's target; the model always gets the trained
-            tokenizer's actual vocabulary size.
+            tokenizer's actual vocabulary size. Sizes must be integers >= 1 with ``hidden_size``
+            divisible by ``num_attention_heads``, dropout probabilities in [0, 1) and
+            ``hidden_act`` one of :func:`bert_activations`; anything else is refused with a
+            ValueError naming the field (and the config file), before any data work.
         mask_prob: fraction of tokens selected for prediction (default 0.15).
         eval_works: names of the held-out works (default ``HELD_OUT_WORKS``).
         train_subset, eval_subset: use only the first N sequences of a split.
@@ -338,20 +421,37 @@ class BertMlmTask(Task):
             "max_position_embeddings": 512,
             "pad_token_id": PAD_ID,
         }
-        fields.update(_user_config(config))
+        user, source = _user_config(config)
+        fields.update(user)
+        options: dict[str, str] = {}  # field -> the option that set it
         for key, value, option in (("num_hidden_layers", layers, "layers"), ("hidden_size", hidden, "hidden"),
-                                   ("num_attention_heads", heads, "heads")):  # fmt: skip
+                                   ("num_attention_heads", heads, "heads"),
+                                   ("intermediate_size", intermediate, "intermediate")):  # fmt: skip
             if value is not None:
                 fields[key] = int_option(value, option)
-        if intermediate is not None:
-            fields["intermediate_size"] = int_option(intermediate, "intermediate")
-        elif "intermediate_size" not in _user_config(config):
+                options[key] = option
+
+        def label(key: str) -> str:
+            if key in options:
+                return options[key]
+            if key in user:
+                return f"{key} in {source}"
+            return f"{SIZE_FIELDS.get(key) or key}, the default"
+
+        _check_bert_fields(fields, label)
+        if intermediate is None and "intermediate_size" not in user:
             fields["intermediate_size"] = 4 * fields["hidden_size"]
+        vocab_label = "vocab_size" if vocab_size is not None or "vocab_size" not in user else label("vocab_size")
         target_vocab = int_option(vocab_size if vocab_size is not None else fields.get("vocab_size", DEFAULT_VOCAB_SIZE),
-                                  "vocab_size")
+                                  vocab_label)
         if target_vocab < 100:
-            raise ValueError(f"vocab_size must be at least 100, got {target_vocab}")
-        max_len = int(fields["max_position_embeddings"])
+            raise ValueError(f"{vocab_label} must be at least 100, got {target_vocab}")
+        try:  # any other bad field (a type BertConfig refuses): say so now, before the slow data work
+            BertConfig(**{**fields, "vocab_size": target_vocab})
+        except Exception as err:
+            message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            raise ValueError(f"invalid BERT {source}: {message}") from None
+        max_len = fields["max_position_embeddings"]
         if not 8 <= self.seq_len <= max_len:
             raise ValueError(
                 f"seq_len must be between 8 and max_position_embeddings={max_len}, got {self.seq_len}"
@@ -374,6 +474,11 @@ class BertMlmTask(Task):
         streams, self.tokens_path = load_or_encode_streams(self.tokenizer, splits)
         self.vocab_size = self.tokenizer.get_vocab_size()
         fields["vocab_size"] = self.vocab_size
+        if fields.get("pad_token_id") is not None and fields["pad_token_id"] >= self.vocab_size:
+            raise ValueError(
+                f"{label('pad_token_id')} must be a token id below the vocabulary size {self.vocab_size}, "
+                f"got {fields['pad_token_id']}"
+            )
         self.config = BertConfig(**fields)
 
         self._ids: dict[str, torch.Tensor] = {}
