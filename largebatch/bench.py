@@ -617,7 +617,7 @@ def format_targets(judgements: list[dict]) -> str:
         shown = j["target"] == "peer_speedup" or j["baseline"] == "adamw-fused+gradscaler"
         base = f" ({j['baseline']})" if shown else ""
         verdict = "met" if j["met"] else "NOT met"
-        lines.append(f"{j['size']} {j['impl']}: {what}{base} = {j['value']:.2f}, target {sign} {bound:g}: {verdict}")
+        lines.append(f"{j['size']} {j['impl']}: {what}{base} = {j['value']:.3f}, target {sign} {bound:g}: {verdict}")
     return "\n".join(lines)
 
 

@@ -523,8 +523,8 @@ def test_bench_targets_judged_from_the_run():
         ("lars", "vs_sgd"): (0.7, True, "sgd-foreach"),
     }
     text = bench.format_targets(bench.check_targets(result))
-    assert "25M lamb: step time / torch AdamW(fused=True) = 1.50, target <= 1.5: met" in text.splitlines()
-    assert "(pytorch_optimizer.Lamb) = 4.00, target >= 5: NOT met" in text
+    assert "25M lamb: step time / torch AdamW(fused=True) = 1.500, target <= 1.5: met" in text.splitlines()
+    assert "(pytorch_optimizer.Lamb) = 4.000, target >= 5: NOT met" in text
 
 
 @needs_kernel
