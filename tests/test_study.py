@@ -470,3 +470,27 @@ def test_a_b0_run_that_did_not_learn_is_no_reference():
     assert not learned(group(2.3036, 2.3023))  # MNIST at chance: 0.9994 x the initial loss
     assert not learned(group(2.3036, 2.2))  # 0.955 x: not below 0.9 x
     assert learned(Group("x", 32, [SimpleNamespace(final={"loss": 2.3})]))  # no initial loss recorded: no verdict
+
+
+def test_scaling_speedup_takes_the_slowest_seed_at_b0_as_at_b():
+    """Steps to target at B0 came from the first seed only, while every other batch took the
+    slowest of its seeds: with two seeds the speedup compared unlike things."""
+    from largebatch.study.report import Group, Study, scaling_rows
+    from largebatch.study.store import RunRecord
+
+    def run(batch, seed, reached_at):
+        history = [{"split": "eval", "step": s, "accuracy": 0.5 if s < reached_at else 0.99} for s in (10, 20, 40, 80)]
+        return RunRecord(
+            key=f"{batch}-{seed}", status="finished", task="t", optimizer="lamb", batch_size=batch, seed=seed,
+            base_lr=0.01, lr=0.01, weight_decay=0.0, warmup_epochs=0.0, epochs=1.0, spec={"config": {}},
+            metric="accuracy", final={"accuracy": 0.99}, history=history, steps=80, total_steps=80, warmup_steps=0,
+            wall_time=1.0, error=None, attempts=1, resumed_from=None, code_version={}, package_version=None,
+            environment={}, out_dir=None, started_at=None, finished_at=None, label="lamb", tags=("untuned",),
+        )  # fmt: skip
+
+    base = Group("lamb", 8, [run(8, 0, 20), run(8, 1, 80)])  # the first seed is fast, the second slow
+    big = Group("lamb", 64, [run(64, 0, 10), run(64, 1, 10)])
+    study = Study("s", {"base_batch": 8}, base.runs + big.runs, [], groups=[base, big])
+    rec = next(r for r in scaling_rows(study, "untuned") if r["batch"] == 64)
+    assert rec["steps_to_target"] == 10 and rec["speedup"] == 80 / 10  # 20 / 10 before
+    assert rec["efficiency"] == 1.0

@@ -162,6 +162,13 @@ def steps_to(run: RunRecord, metric: str, value: float) -> int | None:
     return None
 
 
+def group_steps_to(group: Group, metric: str, value: float) -> int | None:
+    """The steps every seed of ``group`` needed to reach ``value``: the slowest seed's (None: a
+    seed never did). The same rule at B0 and at B, so that a speedup compares like with like."""
+    reached = [steps_to(r, metric, value) for r in group.runs]
+    return None if not reached or any(s is None for s in reached) else max(reached)
+
+
 # --------------------------------------------------------------------------------------------
 # Formatting helpers
 
@@ -261,7 +268,7 @@ def scaling_rows(study: Study, setting: str) -> list[dict[str, Any]]:
         base_learned = base is not None and base.status == "finished" and learned(base)
         base_ok = base_learned
         tv = target_value(base.value, target) if base_ok else None
-        base_steps = steps_to(base.run, metric, tv) if base_ok else None
+        base_steps = group_steps_to(base, metric, tv) if base_ok else None
         for b in study.batches:
             g = study.cell(label, b, setting)
             if g is None:
@@ -273,8 +280,7 @@ def scaling_rows(study: Study, setting: str) -> list[dict[str, Any]]:
             if base_ok and g.status == "finished":
                 rec["delta"] = g.value - base.value
                 rec["holds"] = g.value >= tv
-                reached = [steps_to(r, metric, tv) for r in g.runs]
-                rec["steps_to_target"] = None if any(s is None for s in reached) else max(reached)
+                rec["steps_to_target"] = group_steps_to(g, metric, tv)
                 if rec["steps_to_target"] and base_steps:
                     rec["speedup"] = base_steps / rec["steps_to_target"]
                     rec["efficiency"] = rec["speedup"] / (b / study.base_batch)
