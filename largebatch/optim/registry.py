@@ -79,8 +79,7 @@ def _is_number(value) -> bool:
 def _check_torch_option(name: str, option: str, value, default) -> None:
     """A value of the kind of the constructor's default: a bool for a bool, a finite number for a
     number, a sequence of numbers for a tuple, None or a bool where the default is None (foreach,
-    fused).
-    Text is never taken (torch optimizers treat any non-empty string as true)."""
+    fused). Text is never taken (torch optimizers treat any non-empty string as true)."""
     if isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"
     elif isinstance(default, (int, float)):
