@@ -593,16 +593,14 @@ def check_targets(result: dict) -> list[dict]:
             out.append({"size": size, "impl": impl, "target": key, "value": round(value, 3), "bound": bound,
                         "met": met, "baseline": baseline})
 
-        if row["family"] == "adam":
-            base = "adamw-fused+gradscaler" if "+gradscaler" in impl else "adamw-fused"
-            if (size, base) in times:
-                judge("vs_adamw", row["median_ms"] / times[(size, base)], base)
-            peers = [r for r in timed if r["size"] == size and r["impl"] in PEER_LAMBS]
-            if peers and "+gradscaler" not in impl:  # the peers are not stepped by a scaler
-                fastest = min(peers, key=lambda r: r["median_ms"])
-                judge("peer_speedup", fastest["median_ms"] / row["median_ms"], fastest["impl"])
-        else:
-            judge("vs_sgd", row.get("vs_sgd-foreach"), "sgd-foreach")
+        adam = row["family"] == "adam"
+        base = ("adamw-fused+gradscaler" if "+gradscaler" in impl else "adamw-fused") if adam else "sgd-foreach"
+        if (size, base) in times:
+            judge("vs_adamw" if adam else "vs_sgd", row["median_ms"] / times[(size, base)], base)
+        peers = [r for r in timed if r["size"] == size and r["impl"] in PEER_LAMBS]
+        if adam and peers and "+gradscaler" not in impl:  # the peers are not stepped by a scaler
+            fastest = min(peers, key=lambda r: r["median_ms"])
+            judge("peer_speedup", fastest["median_ms"] / row["median_ms"], fastest["impl"])
         mem = row.get("memory") or {}
         judge("memory", mem.get("extra_vs_params"))
     return out

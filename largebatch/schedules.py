@@ -1280,14 +1280,18 @@ BERT_UNTUNED_TABLE: tuple[BertRow, ...] = (
 BERT_SEQUENCES = 512 * 1_000_000
 
 
-def _overridden(config: dict[str, Any], overrides: dict[str, Any], cls: type) -> dict[str, Any]:
+def _overridden(
+    config: dict[str, Any], overrides: dict[str, Any], cls: type, what: str = "recipe field(s)", own: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A preset's fields with ``overrides`` applied. A field that only makes sense beside one the
     user replaced goes with it: a given warmup_epochs drops the preset's warmup_ratio (and the
-    reverse), a decay other than "step" drops the preset's decay_epochs."""
-    allowed = [f.name for f in fields(cls)]
-    unknown = sorted(set(overrides) - set(allowed))
+    reverse), a decay other than "step" drops the preset's decay_epochs. ``own``: the preset's
+    own arguments, named first among the allowed ones when an override is unknown."""
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        allowed = [*own, *(n for n in names if n not in own)]
+        raise ValueError(f"unknown {what} {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     config = dict(config)
     for given, other in (("warmup_epochs", "warmup_ratio"), ("warmup_ratio", "warmup_epochs")):
         if overrides.get(given) is not None and other not in overrides and other in config:
@@ -1394,11 +1398,6 @@ def bert_two_phase(
             stages.append(Stage(batch_sizes[i], fraction, lrs[i], warmup_ratios[i], seq_lens[i], steps[i]))
         except ValueError as err:  # name the phase: "lr must be ..." alone does not say which
             raise ValueError(f"phase {i + 1} of 2: {err}") from None
-    extra = sorted(set(overrides) - {f.name for f in fields(MixedBatchRecipe)})
-    if extra:
-        allowed = ["lrs", "warmup_ratios", "num_steps", "batch_sizes", "seq_lens", "dataset_size", "power"]
-        allowed += [f.name for f in fields(MixedBatchRecipe) if f.name not in ("stages", "dataset_size", "power")]
-        raise ValueError(f"unknown bert-two-phase argument(s) {', '.join(extra)}; allowed: {', '.join(allowed)}")
     config: dict[str, Any] = dict(
         stages=tuple(stages),
         dataset_size=dataset_size,
@@ -1407,7 +1406,8 @@ def bert_two_phase(
         power=power,
         name="bert-two-phase",
     )
-    return MixedBatchRecipe(**_overridden(config, overrides, MixedBatchRecipe))
+    own = ("lrs", "warmup_ratios", "num_steps", "batch_sizes", "seq_lens", "dataset_size", "power")
+    return MixedBatchRecipe(**_overridden(config, overrides, MixedBatchRecipe, "bert-two-phase argument(s)", own))
 
 
 PRESETS: dict[str, Callable[..., Recipe | MixedBatchRecipe]] = {

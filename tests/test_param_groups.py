@@ -120,7 +120,11 @@ def test_no_weight_decay_hook_through_compile_and_its_prefix():
 
 def test_bad_weight_decay_and_patterns_are_refused():
     for value in (float("nan"), -0.1, "0.1", True):
-        with pytest.raises(ValueError, match=r"Invalid weight_decay value: .*; it must be a number >= 0"):
+        with pytest.raises(ValueError, match=r"Invalid weight_decay value: .*; it must be a finite number >= 0"):
             param_groups(torch.nn.Linear(2, 2), value)
     with pytest.raises(ValueError, match=r"Invalid exclude_from_weight_decay: \[None\]; the patterns must be strings"):
         param_groups(torch.nn.Linear(2, 2), 0.1, exclude_from_weight_decay=[None])
+    with pytest.raises(ValueError, match=r"Invalid exclude_from_adaptation: 5; the patterns must be strings"):
+        param_groups(torch.nn.Linear(2, 2), 0.1, exclude_from_adaptation=5)  # a TypeError from tuple(5) before
+    with pytest.raises(ValueError, match=r"Invalid exclude_from_weight_decay: 'same'; allowed are 'default', 'none' or"):
+        param_groups(torch.nn.Linear(2, 2), 0.1, exclude_from_weight_decay="same")

@@ -503,7 +503,7 @@ def test_adapter_warns_on_a_different_schedule():
         (lambda: bert_two_phase(num_steps=7038), r"num_steps must be None or two step counts, one per phase, got 7038"),
         (lambda: preset("bert-two-phase", lrs=(6e-3, -1)), r"phase 2 of 2: lr must be a real number > 0\.0, got -1\.0"),
         (lambda: preset("bert-two-phase", num_steps=(0, 1563)), r"phase 1 of 2: num_steps must be an integer >= 1, got 0"),
-        (lambda: preset("bert-two-phase", lr=(1e-3, 1e-3)), r"unknown bert-two-phase argument\(s\) lr; allowed: lrs, warmup_ratios, num_steps, batch_sizes, seq_lens, dataset_size, power, epochs"),
+        (lambda: preset("bert-two-phase", lr=(1e-3, 1e-3)), r"unknown bert-two-phase argument\(s\) lr; allowed: lrs, warmup_ratios, num_steps, batch_sizes, seq_lens, dataset_size, power, stages, epochs"),
     ],
 )
 def test_bad_arguments_give_clear_errors(build, match):

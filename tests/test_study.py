@@ -494,3 +494,19 @@ def test_scaling_speedup_takes_the_slowest_seed_at_b0_as_at_b():
     rec = next(r for r in scaling_rows(study, "untuned") if r["batch"] == 64)
     assert rec["steps_to_target"] == 10 and rec["speedup"] == 80 / 10  # 20 / 10 before
     assert rec["efficiency"] == 1.0
+
+
+def test_commands_print_user_errors_in_one_line(capsys):
+    """report and sweep share one wrapper: a ValueError/OSError as it is, an sqlite3 error naming the database."""
+    from largebatch.commands import with_one_line_errors
+
+    def failing(error):
+        def body(args):
+            raise error
+        return body
+
+    assert with_one_line_errors(failing(sqlite3.OperationalError("database is locked")), None, "runs/s.sqlite") == 2
+    assert capsys.readouterr().err == "error: sweep database runs/s.sqlite: database is locked\n"
+    assert with_one_line_errors(failing(FileNotFoundError("no sweep database at x")), None, "x") == 2
+    assert capsys.readouterr().err == "error: no sweep database at x\n"
+    assert with_one_line_errors(lambda args: 0, None, "x") == 0

@@ -237,7 +237,7 @@ def test_bad_inputs_have_clear_errors(mnist, tmp_path):
         fit(TrainConfig(precision="fp8"), task=mnist)
     with pytest.raises(ValueError, match=r"max_grad_norm is given twice \(max_grad_norm=1000.0 and the optimizer option max_grad_norm=0.001\)"):
         fit(TrainConfig(max_grad_norm=1e3, optimizer_options={"max_grad_norm": 1e-3}), task=mnist)
-    with pytest.raises(ValueError, match=r"Invalid exclude_from_adaptation: 'biases'; allowed are 'same', 'default', 'none'"):
+    with pytest.raises(ValueError, match=r"Invalid exclude_from_adaptation: 'biases'; allowed are 'default', 'none', 'same' or a list"):
         fit(TrainConfig(exclude_from_adaptation="biases"), task=mnist)  # checked before any data is loaded
     for seed in (10**14, -1, 1.5):  # 10**14 overflowed the data-order generator's seed
         with pytest.raises(ValueError, match=rf"Invalid seed: {seed!r}; it must be an integer in \[0, 2\*\*31 - 1\]"):

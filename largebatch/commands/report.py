@@ -16,16 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sqlite3
+    from largebatch.commands import with_one_line_errors
 
-    try:
-        return _run(args)
-    except (ValueError, OSError) as err:  # a missing or foreign database, an unknown --sweep, a bad --out: one line
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except sqlite3.Error as err:  # a damaged database
-        print(f"error: cannot read the sweep database {args.db}: {err}", file=sys.stderr)
-        return 2
+    # a missing, foreign or damaged database, an unknown --sweep, a bad --out: one line each
+    return with_one_line_errors(_run, args, str(args.db))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -20,16 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sqlite3
+    from largebatch.commands import with_one_line_errors
 
-    try:
-        return _run(args)
-    except (ValueError, OSError) as err:  # a bad config (TOMLDecodeError is a ValueError) or --db: one line
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except sqlite3.Error as err:  # a damaged database
-        print(f"error: sweep database {args.db or 'runs/<sweep name>.sqlite'}: {err}", file=sys.stderr)
-        return 2
+    # a bad config (TOMLDecodeError is a ValueError) or --db: one line each
+    return with_one_line_errors(_run, args, args.db or "runs/<sweep name>.sqlite")
 
 
 def _run(args: argparse.Namespace) -> int:

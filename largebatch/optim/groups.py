@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from largebatch.optim._common import check_nonneg
+
 # Name patterns (fnmatch, matched against the full parameter name, case-insensitive) of parameters
 # that are excluded by default: biases and the parameters of normalisation layers. Short layer
 # names (bn1, ln_f) match only as a whole name component ("layer1.0.bn1.weight", "h.0.ln_1.bias"),
@@ -74,6 +76,20 @@ def is_excluded(
     return any(fnmatch.fnmatchcase(lname, p.lower()) for p in patterns)
 
 
+def exclusion_rule(spec: str | Iterable[str], what: str) -> str | tuple[str, ...]:
+    """``spec`` of ``what`` ("exclude_from_weight_decay" or "exclude_from_adaptation") checked: a
+    named rule ("default", "none"; "same" for the adaptation too) or a tuple of name patterns."""
+    named = ("default", "none", "same") if what == "exclude_from_adaptation" else ("default", "none")
+    if isinstance(spec, str):
+        if spec not in named:
+            raise ValueError(f"Invalid {what}: {spec!r}; allowed are {', '.join(map(repr, named))} or a list of name patterns")
+        return spec
+    patterns = tuple(spec) if isinstance(spec, Iterable) else (spec,)
+    if not all(isinstance(pat, str) for pat in patterns):
+        raise ValueError(f"Invalid {what}: {spec!r}; the patterns must be strings (fnmatch patterns or names)")
+    return patterns
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,
@@ -102,22 +118,16 @@ def param_groups(
         A list of param-group dicts (empty groups dropped), each with "params", "param_names",
         "weight_decay" and "adapt" (and "lr_scale" where given). torch optimizers ignore "adapt".
     """
-    if not (isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay >= 0):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; it must be a number >= 0")
+    check_nonneg("weight_decay", weight_decay)
     model_names = _model_no_weight_decay(model) | _norm_parameter_names(model)
 
     def rule(spec, what: str):
-        if isinstance(spec, str):
-            if spec == "default":
-                return lambda n, p: is_excluded(n, p, by_ndim=by_ndim, names=model_names)
-            if spec == "none":
-                return lambda n, p: False
-            raise ValueError(f"Invalid {what}: {spec!r}; allowed are 'default', 'none'"
-                             + (", 'same'" if what == "exclude_from_adaptation" else "") + " or a list of name patterns")
-        pats = tuple(spec)
-        if not all(isinstance(pat, str) for pat in pats):
-            raise ValueError(f"Invalid {what}: {spec!r}; the patterns must be strings (fnmatch patterns or names)")
-        return lambda n, p: is_excluded(n, p, by_ndim=False, patterns=pats, names=())
+        spec = exclusion_rule(spec, what)
+        if spec == "default":
+            return lambda n, p: is_excluded(n, p, by_ndim=by_ndim, names=model_names)
+        if spec == "none":
+            return lambda n, p: False
+        return lambda n, p: is_excluded(n, p, by_ndim=False, patterns=spec, names=())
 
     no_decay = rule(exclude_from_weight_decay, "exclude_from_weight_decay")
     no_adapt = no_decay if exclude_from_adaptation == "same" else rule(exclude_from_adaptation, "exclude_from_adaptation")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -12,6 +11,7 @@ import torch
 
 from largebatch.optim.lamb import Lamb
 from largebatch.optim.lars import Lars
+from largebatch.schedules import _finite_number
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,6 @@ def check_optimizer_options(name: str, options: Mapping) -> None:
             _check_torch_option(name, option, value, signature[option].default)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_torch_option(name: str, option: str, value, default) -> None:
     """A value of the kind of the constructor's default: a bool for a bool, a finite number for a
     number, a sequence of numbers for a tuple, None or a bool where the default is None (foreach,
@@ -83,9 +79,9 @@ def _check_torch_option(name: str, option: str, value, default) -> None:
     if isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"
     elif isinstance(default, (int, float)):
-        ok, kind = _is_number(value), "a finite number"
+        ok, kind = _finite_number(value), "a finite number"
     elif isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_finite_number, value))
         kind = f"a list of {len(default)} finite numbers"
     else:
         ok, kind = value is None or isinstance(value, bool), "null, true or false"

@@ -777,24 +777,19 @@ def write_report(
     if db is None and not synthetic:
         raise ValueError("nothing to report: give a sweep database and/or synthetic=True")
     names: list[str] = []
-    if db is not None:  # everything is checked before the report folder is made
-        if not Path(db).exists():
-            raise FileNotFoundError(f"no sweep database at {db}")
+    studies: list[Study] = []
+    if db is not None:  # every study is loaded (which checks database and names) before the folder is made
         with ResultStore(db, readonly=True) as store:
-            held = store.sweeps()
-        names = list(sweeps or held)
-        unknown = [n for n in names if n not in held]
-        if unknown:
-            raise ValueError(f"no sweep {', '.join(map(repr, unknown))} in {db}; it holds: {', '.join(held) or 'none'}")
+            names = list(sweeps or store.sweeps())
         if not names:
             raise ValueError(f"{db} holds no sweeps")
+        studies = [load_study(db, name) for name in names]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"cannot write the report into {out}: it or a folder above it is a file, not a folder") from None
     sections = []
-    for name in names:
-        study = load_study(db, name)
+    for name, study in zip(names, studies):
         sections.append(sweep_section(study, out, prefix="" if len(names) == 1 else f"{name}-"))
     if synthetic:
         sections.append(synthetic_section(out))

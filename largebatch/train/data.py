@@ -143,7 +143,7 @@ def _mnist_candidates(stem: str, kind: str) -> list[str]:
     return [n + suffix for n in names for suffix in (".gz", "")]
 
 
-def _mnist_file(folder: Path, split: str, kind: str) -> Path | None:
+def mnist_file(folder: Path, split: str, kind: str) -> Path | None:
     """The file of ``split`` ("train"/"test") and ``kind`` ("images"/"labels") in ``folder``, or None."""
     stem, suffix = _MNIST_FILES[(split, kind)]
     return next((folder / c for c in _mnist_candidates(stem, suffix) if (folder / c).is_file()), None)
@@ -173,7 +173,7 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     for key, (stem, kind) in _MNIST_FILES.items():
         candidates = _mnist_candidates(stem, kind)
-        found = _mnist_file(folder, *key)
+        found = mnist_file(folder, *key)
         if found is None:
             raise FileNotFoundError(
                 f"MNIST file {stem}-{kind}[.gz] not found in {folder} (looked for {', '.join(candidates)}); "

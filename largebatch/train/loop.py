@@ -24,6 +24,7 @@ from torch import nn
 
 from largebatch import distributed
 from largebatch.optim import create_optimizer, param_groups
+from largebatch.optim.groups import exclusion_rule
 from largebatch.optim.registry import OPTIMIZERS, check_optimizer_options
 from largebatch.schedules import Recipe, ScheduleLR, _finite_number
 from largebatch.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -85,14 +86,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_optimizer_options(self.optimizer, self.optimizer_options)  # before any data is loaded
-        adaptation = self.exclude_from_adaptation
-        if not (adaptation in ("same", "default", "none") or (
-            isinstance(adaptation, (list, tuple)) and all(isinstance(p, str) for p in adaptation)
-        )):  # fmt: skip
-            raise ValueError(
-                f"Invalid exclude_from_adaptation: {adaptation!r}; allowed are 'same', 'default', 'none' "
-                "or a list of name patterns"
-            )
+        exclusion_rule(self.exclude_from_adaptation, "exclude_from_adaptation")  # param_groups' own check
         if self.max_grad_norm is not None and "max_grad_norm" in self.optimizer_options:
             raise ValueError(
                 f"max_grad_norm is given twice (max_grad_norm={self.max_grad_norm!r} and the optimizer option "

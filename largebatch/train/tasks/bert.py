@@ -56,6 +56,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ..checkpoint import atomic_write_bytes
 from ..data import cache_dir, default_data_dir, load_text_corpus
+from ...schedules import _finite_number
 from ..task import Batch, Task, example_generators
 from .common import _at_least_float32, check_split, float_option, int_option, subset_size
 
@@ -333,9 +334,6 @@ def _check_bert_fields(fields: dict[str, Any], label) -> None:
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    def is_number(value) -> bool:
-        return (is_int(value) or isinstance(value, float)) and value == value and abs(value) != float("inf")
-
     for key in SIZE_FIELDS:
         if key in fields and not (is_int(fields[key]) and fields[key] >= 1):
             raise ValueError(f"{label(key)} must be an integer >= 1, got {fields[key]!r}")
@@ -349,13 +347,13 @@ def _check_bert_fields(fields: dict[str, Any], label) -> None:
     for key in PROBABILITY_FIELDS:
         if key not in fields or (key == "classifier_dropout" and fields[key] is None):
             continue
-        if not (is_number(fields[key]) and 0 <= fields[key] < 1):
+        if not (_finite_number(fields[key]) and 0 <= fields[key] < 1):
             none = " or null" if key == "classifier_dropout" else ""
             raise ValueError(f"{label(key)} must be a probability in [0, 1){none}, got {fields[key]!r}")
-    for key, low, allowed in (("layer_norm_eps", 0.0, "a number > 0"), ("initializer_range", None, "a number >= 0")):
+    for key, positive, allowed in (("layer_norm_eps", True, "a number > 0"), ("initializer_range", False, "a number >= 0")):
         if key in fields:
             value = fields[key]
-            if not (is_number(value) and (value > 0 if low is not None else value >= 0)):
+            if not _finite_number(value, low=0.0, low_open=positive):
                 raise ValueError(f"{label(key)} must be {allowed}, got {value!r}")
             fields[key] = float(value) if is_int(value) else value
     if "hidden_act" in fields:

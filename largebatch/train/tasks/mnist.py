@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import _mnist_file, default_data_dir, load_mnist
+from ..data import default_data_dir, load_mnist, mnist_file
 from ..task import Batch, Task
 from .common import check_split, classification_loss, subset_size
 
@@ -69,7 +69,7 @@ def check_label_range(folder: str | os.PathLike, data: dict[str, tuple[torch.Ten
     split = max(("train", "test"), key=lambda s: int(data[s][1].max()))
     largest = int(data[split][1].max())
     if largest >= n_train:
-        path = _mnist_file(Path(folder), split, "labels") or Path(folder)
+        path = mnist_file(Path(folder), split, "labels") or Path(folder)
         raise ValueError(
             f"{path}: label {largest} is not less than the number of training examples ({n_train}); "
             f"labels must be class indices 0..C-1 for C classes, remap them"
