@@ -27,7 +27,7 @@ from largebatch.optim import create_optimizer, param_groups
 from largebatch.optim.groups import exclusion_rule
 from largebatch.optim.registry import OPTIMIZERS, check_optimizer_options
 from largebatch.schedules import Recipe, ScheduleLR, _finite_number
-from largebatch.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from largebatch.train.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.task import Task
 
 PRECISIONS = ("fp32", "bf16", "fp64")
@@ -107,6 +107,9 @@ class TrainConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**31:
             # seed * 1_000_003 + step seeds the data order: kept well inside a 64-bit generator seed
             raise ValueError(f"Invalid seed: {self.seed!r}; it must be an integer in [0, 2**31 - 1]")
+        if not isinstance(self.eval_batch_size, int) or isinstance(self.eval_batch_size, bool) or self.eval_batch_size < 1:
+            # checked here: the final evaluation comes after the last step, before the last checkpoint
+            raise ValueError(f"Invalid eval_batch_size: {self.eval_batch_size!r}; it must be a positive integer")
         for name in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be >= 0 (0 = off)")
@@ -161,6 +164,7 @@ class TrainConfig:
 # Options that do not change the numbers a run produces (so a run may be resumed under new ones).
 _NON_SEMANTIC = {"out_dir", "resume", "progress", "tensorboard", "log_every", "checkpoint_every", "eval_every",
                  "max_steps", "device", "eval_batch_size", "micro_batch_size", "max_micro_batch", "record_trust_ratios"}  # fmt: skip
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "history", "wall_time", "config")
 
 
 @dataclass
@@ -275,7 +279,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     if out_dir and dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if out_dir and (out_dir / "result.json").exists() and config.resume:
-        saved = json.loads((out_dir / "result.json").read_text())
+        saved = _read_result(out_dir / "result.json")
         _check_same_run(saved["config"], config.to_dict(), out_dir)
         if saved["status"] == "finished":
             return TrainResult(**saved)
@@ -315,6 +319,12 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     saved_window = (0.0, 0)  # the train-loss sum and step count since the last log record
     if ckpt_path and config.resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=device)
+        missing = [k for k in _CHECKPOINT_KEYS if k not in ck] if isinstance(ck, dict) else list(_CHECKPOINT_KEYS)
+        if missing:
+            raise CheckpointError(
+                f"{str(ckpt_path)!r} is not a checkpoint of a training run (it has no {', '.join(missing)}); it was "
+                f"left as it is: move it away to start the run over, or use another output folder"
+            )
         _check_same_run(ck["config"], config.to_dict(), out_dir)
         if config.max_steps is not None and int(ck["step"]) > config.max_steps:
             # the loop would not run, and the checkpoint would be saved again under the smaller step
@@ -354,18 +364,21 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
                 writer.add_scalar(f"eval/{k}", v, step)
         return metrics
 
-    def save(step: int, elapsed: float) -> None:
+    def save(step: int, elapsed: float, records: list | None = None, window: tuple[float, int] | None = None) -> None:
         # The last checkpoint stays the last good one: nothing is written when the weights or the
         # optimizer's state are not finite, or the loss since the last log or the last logged loss
         # is not (LAMB and LARS skip non-finite gradients, so a run can diverge with finite weights).
-        good_loss = bad_steps == 0 and math.isfinite(float(window_loss))
+        # ``records`` and ``window``: the log and the open log window a resumed run goes on from.
+        records = history if records is None else records
+        window = (float(window_loss), window_weight) if window is None else window
+        good_loss = bad_steps == 0 and math.isfinite(window[0])
         state = [v for s in optimizer.state_dict()["state"].values() for v in s.values()]
         if ckpt_path and dist.is_main and good_loss and _all_finite([*model.state_dict().values(), *state]):
             save_checkpoint(
                 ckpt_path,
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "step": step, "history": history, "wall_time": elapsed, "config": config.to_dict(),
-                 "loss_window": [float(window_loss), window_weight]},
+                 "rng": rng_state(), "step": step, "history": records, "wall_time": elapsed, "config": _plain(config.to_dict()),
+                 "loss_window": [window[0], window[1]]},
             )  # fmt: skip
         distributed.barrier()
 
@@ -381,6 +394,7 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     t0 = time.perf_counter()
     perm_epoch, perm = -1, None
     bad_steps = 0
+    resume_point = None  # (log length, open window) before a stopped run's record of part of a log window
     # a resumed run logs the same train loss as an uninterrupted one: the window goes on
     window_loss = torch.tensor(float(saved_window[0]), dtype=torch.float64, device=device)
     window_weight, window_examples, window_t = int(saved_window[1]), 0, time.perf_counter()
@@ -454,6 +468,9 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
                 rec["skipped_group_steps"] = _skipped(optimizer)
             if config.record_trust_ratios and getattr(optimizer, "telemetry", None) is not None:
                 rec["trust_ratio"] = {names.get(p, "?"): s["trust_ratio"] for p, s in optimizer.telemetry.read().items()}
+            if done % max(config.log_every, 1) and status == "stopped":
+                # an uninterrupted run writes no record here: a resumed one goes on with this window
+                resume_point = (len(history), (float(window_loss), window_weight))
             if not math.isfinite(rec["loss"]):
                 bad_steps += 1
                 if bad_steps >= config.diverge_patience:
@@ -482,11 +499,25 @@ def fit(config: TrainConfig, task: Task | None = None, model: nn.Module | None =
     if bar:
         bar.close()
 
+    if status != "diverged":
+        # weights that are not finite at the end diverged within the patience (the last steps)
+        nonfinite = torch.tensor(0.0 if _all_finite(model.state_dict().values()) else 1.0, device=device)
+        if float(distributed.all_reduce_sum(nonfinite)) > 0:
+            status = "diverged"
+    logged = len(history)
     final: dict[str, float] = {}
     if dist.is_main:
         final = evaluate(step) if status != "diverged" else {"loss": float("nan")}
     elapsed = wall_offset + time.perf_counter() - t0
-    if status != "diverged":  # a diverged run keeps its last good checkpoint
+    if status == "stopped":
+        # the checkpoint holds what a run going on holds at this step (its log and open log window),
+        # so a resumed run logs what an uninterrupted one does: no record of part of a log window,
+        # and the final evaluation only where an uninterrupted run evaluates too
+        records = history[: resume_point[0] if resume_point else logged]
+        if config.eval_every and step % config.eval_every == 0:
+            records = records + history[logged:]
+        save(step, elapsed, records, resume_point[1] if resume_point else None)
+    elif status != "diverged":  # a diverged run keeps its last good checkpoint
         save(step, elapsed)
     result = TrainResult(
         status=status, steps=step, total_steps=total_steps, final=final, history=history, wall_time=elapsed,
@@ -522,7 +553,35 @@ def _is_oom(err: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as result.json holds it (tuples as lists, paths as text): what a checkpoint stores of
+    a config (``torch.load(weights_only=True)`` refuses a path) and what runs are compared in."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """The result.json of a run in ``path``'s folder, or a ValueError naming the file."""
+    fields = {f.name: f for f in dataclasses.fields(TrainResult)}
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not UTF-8
+        saved, problem = None, f"not valid JSON: {err}"
+    else:
+        problem = "not a JSON object" if not isinstance(saved, dict) else ""
+    if isinstance(saved, dict):
+        missing, unknown = [n for n in required if n not in saved], sorted(set(saved) - set(fields))
+        problem = "; ".join(([f"no {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else []))
+    if problem:
+        raise ValueError(
+            f"{str(path)!r} is not the result of a training run ({problem}); it was left as it is: move it away "
+            f"to go on with the run in this folder, or use another output folder"
+        )
+    return saved
+
+
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], out_dir: Path | None) -> None:
+    saved, current = _plain(saved), _plain(current)
     diff = sorted(k for k in set(saved) | set(current) if k not in _NON_SEMANTIC and saved.get(k) != current.get(k))
     if diff:
         details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diff)
