@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -31,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     table = results_table(results)
     out = Path(args.out_dir)
-    (out / "results.md").write_text(table + "\n")
+    command = " ".join(["largebatch", "demo", "--out-dir", shlex.quote(args.out_dir), "--base-batch", str(args.base_batch),
+                        "--scale", str(args.scale), "--epochs", f"{args.epochs:g}"]
+                       + (["--train-subset", str(args.train_subset)] if args.train_subset else []))  # fmt: skip
+    (out / "results.md").write_text(f"{table}\n\nTable and accuracy.png written by `{command}`.\n")
     plot_results(results, out / "accuracy.png")
     print()
     print(table)

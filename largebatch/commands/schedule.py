@@ -123,7 +123,22 @@ def _unused_by_decay(args: argparse.Namespace, decay: str | None) -> list[str]:
     )
 
 
+def _plot_path_error(path: str) -> str | None:
+    """Why ``--plot path`` cannot be written as given (matplotlib would write ``path.png`` for a
+    name without a suffix, beside a folder of that name), or None."""
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        return f"--plot {path} is a folder; give a file name such as {Path(path) / 'schedule.png'}"
+    if not Path(path).suffix:
+        return f"--plot {path} has no suffix; give a file name with the format as its suffix, such as {path}.png"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.plot and _plot_path_error(args.plot):
+        print(f"error: {_plot_path_error(args.plot)}", file=sys.stderr)
+        return 2
     try:
         if args.recipe == "bert-two-phase":
             fields = TWO_PHASE_FIELDS

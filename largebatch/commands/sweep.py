@@ -67,6 +67,12 @@ def _run(args: argparse.Namespace) -> int:
                         command=command_line(args, db))  # fmt: skip
     print(f"sweep {summary.name}: {summary.planned} runs, {summary.skipped} already done, {summary.executed} executed "
           f"in {summary.wall_time:.0f} s; status: {', '.join(f'{n} {s}' for s, n in sorted(summary.statuses.items()))}")  # fmt: skip
+    if summary.busy:
+        print(f"{summary.busy} run(s) left alone: another process of this database is executing them now (a run "
+              f"never executes twice at once; run this command again after that process ends if it stops early)")  # fmt: skip
+    if summary.dropped:
+        print(f"the config of sweep {summary.name!r} changed: {summary.dropped} run(s) it no longer asks for left the "
+              f"sweep (they stay in the database, and come back if the config asks for them again)")  # fmt: skip
     print(f"database: {summary.db}  (report: largebatch report {summary.db} --out docs/results/{summary.name})")
     return 0
 

@@ -92,6 +92,19 @@ CREATE TABLE IF NOT EXISTS invocations (
 """
 
 
+def _schema_columns() -> dict[str, set[str]]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {n: {r[1] for r in conn.execute(f"PRAGMA table_info({n})")} for n in names if not n.startswith("sqlite_")}
+    finally:
+        conn.close()
+
+
+_COLUMNS = _schema_columns()  # table -> its columns, as _SCHEMA makes them
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -229,6 +242,11 @@ class ResultStore:
                 self.conn.close()
                 raise ValueError(f"{self.path} is not a sweep database (it has no runs and sweeps tables): give a "
                                  f"database written by `largebatch sweep`")  # fmt: skip
+            mismatch = self._foreign_tables(tables)
+            if mismatch:
+                self.conn.close()
+                raise ValueError(f"{self.path} is not a sweep database ({mismatch}): give a database written by "
+                                 f"`largebatch sweep`")  # fmt: skip
             return
         if self.path.exists():
             if not self.path.is_file():
@@ -242,13 +260,27 @@ class ResultStore:
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         tables = {r["name"] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and not tables & {"runs", "members", "sweeps", "invocations"}:  # another program's database
+        mismatch = self._foreign_tables(tables)
+        if tables and (not tables & set(_COLUMNS) or mismatch):  # another program's database
             self.conn.close()
-            raise ValueError(f"{self.path} is an SQLite database of something else (tables: {', '.join(sorted(tables))}); "
-                             f"it was left as it is: give a database written by `largebatch sweep`, or a new file name")  # fmt: skip
+            raise ValueError(f"{self.path} is an SQLite database of something else (tables: {', '.join(sorted(tables))}"
+                             f"{'; ' + mismatch if mismatch else ''}); it was left as it is: give a database written by "
+                             f"`largebatch sweep`, or a new file name")  # fmt: skip
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(_SCHEMA)
+        self.conn.executescript(f"BEGIN;{_SCHEMA}COMMIT;")  # all four tables or none
+
+    def _foreign_tables(self, tables: set[str]) -> str:
+        """What differs between the tables of this database named like ours and ours: "" when
+        nothing does (another program's ``runs`` table must not be written to)."""
+        for name, columns in _COLUMNS.items():
+            if name in tables:
+                have = {r["name"] for r in self.conn.execute(f"PRAGMA table_info({name})")}
+                missing = sorted(columns - have)
+                if missing:
+                    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+                    return f"its table {name} has no column(s) {', '.join(missing[:4])}{more}"
+        return ""
 
     def _check_sqlite_header(self, alternative: str) -> None:
         """Refuse, without writing to it, a file that is not an SQLite database (an empty file is

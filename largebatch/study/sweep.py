@@ -40,10 +40,11 @@ A sweep is a TOML file (or the same dict)::
 
 Every run is keyed by the hash of its semantic configuration, so a run shared by two sweeps, or
 asked for twice (an untuned run that is also a grid point), runs once. ``run_sweep`` skips runs
-that are done (finished, diverged, failed), resumes interrupted ones from their checkpoint
-(``fit(resume=True)`` in the run's own folder), records exceptions as "failed" with the traceback
-and non-finite losses as "diverged", and goes on. Runs execute in the calling process
-(``workers=1``) or in a pool of spawned worker processes.
+that are done (finished, diverged, failed) or that another live process executes now (a second
+sweep of the same database; each run's folder is locked while it runs), resumes interrupted ones
+from their checkpoint (``fit(resume=True)`` in the run's own folder), records exceptions as
+"failed" with the traceback and non-finite losses as "diverged", and goes on. Runs execute in the
+calling process (``workers=1``) or in a pool of spawned worker processes.
 """
 
 from __future__ import annotations
@@ -450,11 +451,31 @@ class SweepSummary:
     statuses: dict[str, int]
     wall_time: float
     db: str
+    busy: int = 0  # runs left alone because another live process was executing them
+    dropped: int = 0  # memberships of runs the sweep's current config no longer asks for
 
 
 def run_dir(runs_dir: str | os.PathLike, run: PlannedRun) -> str:
     cfg = run.spec["config"]
     return str(Path(runs_dir) / f"{cfg['optimizer']}-b{cfg['batch_size']}-{run.key}")
+
+
+def _lock_run(out: str):
+    """An exclusive lock on the run folder ``out`` (an open file), or None when another process
+    holds it, i.e. executes that run now (a second sweep of the same database). The operating
+    system drops the lock when its holder dies, even by SIGKILL, so a killed run can be resumed."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        return open(os.devnull)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    f = open(Path(out) / ".sweep.lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
 
 
 def _die_with_parent() -> None:
@@ -492,17 +513,22 @@ def run_sweep(
         threads: torch threads per run (default: unchanged for workers=1, else cpus // workers).
         retry_failed: also re-run runs recorded as failed.
         command: the command line to record (default: this process's).
-        only: run only these optimizer labels (all when empty).
+        only: run only these optimizer labels (all when empty); the sweep still lists the
+            other labels' runs of its current config (as pending when they never ran).
     """
     t0 = time.perf_counter()
     db = Path(db)
     runs_dir = Path(runs_dir) if runs_dir else db.with_name(db.stem + "-runs")
-    planned = [r for r in spec.expand() if not only or r.label in only]
+    every = spec.expand()
+    planned = [r for r in every if not only or r.label in only]
     store = ResultStore(db)
     store.save_sweep(spec.name, spec.raw or {"name": spec.name})
-    for r in planned:
+    # The sweep's memberships follow its current config for every label, also under ``only``
+    # (the runs of the other labels are registered, not executed), so that a report never shows
+    # another config's runs under this one.
+    for r in every:
         store.register(spec.name, r.key, r.label, r.tags, r.spec)
-    store.prune_members(spec.name, {(r.key, r.label) for r in planned}, set(only) if only else None)
+    dropped = store.prune_members(spec.name, {(r.key, r.label) for r in every})
     skip_status = set(DONE) - ({"failed"} if retry_failed else set())
     todo: dict[str, PlannedRun] = {}
     for r in planned:
@@ -510,15 +536,37 @@ def run_sweep(
             todo[r.key] = r
     invocation = store.begin_invocation(spec.name, command or python_command())
     executed = 0
+    busy = 0
+    locks: dict[str, Any] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"sweep {spec.name}", unit="run", dynamic_ncols=True)
 
+    def claim(key: str, out: str) -> bool:
+        """Lock the run's folder and mark the run running, unless another process executes it or
+        finished it since the statuses above were read."""
+        nonlocal busy
+        lock = _lock_run(out)
+        if lock is None:
+            busy += 1
+        elif store.status(key) in skip_status:
+            lock.close()
+        else:
+            locks[key] = lock
+            store.mark_running(key, out)
+            return True
+        if bar:
+            bar.update(1)
+        return False
+
     def done(key: str, outcome: dict[str, Any]) -> None:
         nonlocal executed
-        store.record(key, outcome)
+        try:
+            store.record(key, outcome)
+        finally:
+            locks.pop(key).close()
         executed += 1
         store.end_invocation(invocation, executed)  # progress so far, kept if this process is killed
         if bar:
@@ -532,16 +580,30 @@ def run_sweep(
         if workers <= 1:
             for key, r in todo.items():
                 out = run_dir(runs_dir, r)
-                store.mark_running(key, out)
-                done(key, execute_run(r.spec, out, progress=progress and bar is not None, threads=threads))
+                if claim(key, out):
+                    done(key, execute_run(r.spec, out, progress=progress and bar is not None, threads=threads))
         else:
             per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_die_with_parent) as pool:
                 pending = {}
-                for key, r in todo.items():
-                    out = run_dir(runs_dir, r)
-                    store.mark_running(key, out)
-                    pending[pool.submit(execute_run, r.spec, out, False, per_worker)] = key
+                queue = iter(todo.items())
+
+                def submit() -> None:
+                    # one run per free worker: a run is marked running (attempts, start time)
+                    # when it starts, not while it waits in the pool's queue
+                    for key, r in queue:
+                        out = run_dir(runs_dir, r)
+                        if not claim(key, out):
+                            continue
+                        try:
+                            pending[pool.submit(execute_run, r.spec, out, False, per_worker)] = key
+                        except Exception:  # the pool broke (a worker process died)
+                            done(key, {"status": "failed", "error": traceback.format_exc()})
+                            continue
+                        if len(pending) >= workers:
+                            return
+
+                submit()
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in finished:
@@ -551,11 +613,14 @@ def run_sweep(
                         except Exception:  # the worker process itself died
                             outcome = {"status": "failed", "error": traceback.format_exc()}
                         done(key, outcome)
+                    submit()
     finally:
+        for lock in locks.values():
+            lock.close()
         if bar:
             bar.close()
         store.end_invocation(invocation, executed)
         statuses = store.counts(spec.name)
         store.close()
     return SweepSummary(spec.name, len({r.key for r in planned}), len({r.key for r in planned}) - len(todo), executed,
-                        statuses, time.perf_counter() - t0, str(db))  # fmt: skip
+                        statuses, time.perf_counter() - t0, str(db), busy, dropped)  # fmt: skip
