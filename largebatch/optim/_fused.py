@@ -47,7 +47,10 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fused_available", "fused_lamb", "fused_lars", "fused_all_finite", "cpu_kernel_info", "load_cpu_kernel"]
+__all__ = [
+    "fused_available", "fused_unavailable_reason", "fused_lamb", "fused_lars", "fused_all_finite", "cpu_kernel_info",
+    "load_cpu_kernel",
+]  # fmt: skip
 
 _SOURCE = Path(__file__).with_name("csrc") / "layerwise_step.cpp"
 _CXXFLAGS = [
@@ -258,6 +261,15 @@ def fused_available(tensors: list[Tensor]) -> bool:
     if first.device.type != "cpu" or torch.compiler.is_compiling():
         return True  # the torch-function backend
     return _cpu_kernel_possible() and all(t.is_contiguous() for t in tensors)
+
+
+def fused_unavailable_reason(tensors: list[Tensor]) -> str:
+    """Why :func:`fused_available` answers False for these tensors, in words."""
+    if tensors and tensors[0].dtype not in _FLOAT_DTYPES:
+        return f"{tensors[0].dtype} tensors (it takes float32 and float64; 16-bit parameters need master_weights=True)"
+    if not _cpu_kernel_possible():
+        return "CPU tensors, and the CPU kernel is turned off (LARGEBATCH_FUSED_CPU=0) or has no C++ compiler (set CXX)"
+    return "non-contiguous CPU tensors (e.g. transposed views; the CPU kernel takes contiguous ones)"
 
 
 def _use_torch_backend(params: list[Tensor]) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from largebatch.optim._fused import fused_available
+from largebatch.optim._fused import fused_available, fused_unavailable_reason
 from largebatch.optim._common import (
     NONFINITE_POLICIES,
     SquaredSumReducer,
@@ -55,11 +55,11 @@ class LayerwiseOptimizer(Optimizer):
         check_max_grad_norm(max_grad_norm)
         check_nonneg("clip_eps", clip_eps)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        if foreach not in (None, True, False):
+        if foreach is not None and not isinstance(foreach, bool):  # 0 == False, but `foreach is False` selects the path
             raise ValueError(f"Invalid foreach: {foreach!r}; allowed values are None (auto), True, False")
         if norm_reducer is not None and not callable(norm_reducer):
             raise ValueError(f"Invalid norm_reducer: {norm_reducer!r}; it must be None or a callable Tensor -> Tensor")
-        if fused not in (None, True, False):
+        if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"Invalid fused: {fused!r}; allowed values are None (auto), True, False")
         if fused and foreach is False:
             raise ValueError("fused=True and foreach=False contradict each other; choose one path")
@@ -92,6 +92,9 @@ class LayerwiseOptimizer(Optimizer):
 
         torch.optim casts every floating state entry to its parameter's dtype, which would turn the
         float32 moments and master weights of a bfloat16 parameter into bfloat16 on every resume.
+        A 16-bit parameter's master copy follows this optimizer's ``master_weights`` (made from the
+        parameter when the saved state has none, dropped when it is False), and ``step`` is moved to
+        its parameter's device.
         Options that a saved group does not have (it predates them) take the constructor's value.
         A saved state that does not fit the parameters (another model's shapes, another optimizer's
         entries) is refused before anything changes; torch.optim would only fail at the next step.
@@ -108,11 +111,24 @@ class LayerwiseOptimizer(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
-            if saved is None or p.dtype == compute_dtype(p):
+            if not saved:
+                continue
+            state = self.state[p]
+            step = state.get("step")
+            if isinstance(step, Tensor) and not is_dtensor(step) and step.device != p.device:
+                # torch.optim leaves "step" where it was saved (a checkpoint loaded with map_location="cpu");
+                # it is kept beside the parameter, where a fresh state has it
+                state["step"] = step.to(p.device)
+            if p.dtype == compute_dtype(p):
                 continue
             for k, v in saved.items():
                 if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
-                    self.state[p][k] = v.to(device=p.device, dtype=compute_dtype(p), copy=True)
+                    state[k] = v.to(device=p.device, dtype=compute_dtype(p), copy=True)
+            # the state follows this optimizer's master_weights, whatever the saving one had
+            if self.master_weights and "master" not in state:
+                state["master"] = p.detach().to(compute_dtype(p)).clone()
+            elif not self.master_weights:
+                state.pop("master", None)
 
     def _check_saved_state(self, state_dict: dict) -> None:
         name = type(self).__name__
@@ -140,17 +156,33 @@ class LayerwiseOptimizer(Optimizer):
                     )
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch.optim's add_param_group, then the group (defaults filled in) is validated."""
+        """torch.optim's add_param_group, then the group (defaults filled in) is validated.
+
+        A group that is refused is not added: the optimizer stays as it was.
+        """
         super().add_param_group(self._resolve_group(param_group, self.defaults))
-        self._check_group(self.param_groups[-1])
-        for p in self.param_groups[-1]["params"]:
+        try:
+            self._check_new_group(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _check_new_group(self, group: dict) -> None:
+        self._check_group(group)
+        seen: dict[int, int] = {}
+        for i, p in enumerate(group["params"]):
             if not p.is_floating_point():
                 hint = " (optimize torch.view_as_real(p) for complex ones)" if p.is_complex() else ""
-                self.param_groups.pop()
                 raise ValueError(
                     f"Invalid parameter of dtype {p.dtype}: {type(self).__name__} takes real floating-point "
                     f"parameters (float16, bfloat16, float32, float64){hint}"
                 )
+            if id(p) in seen:  # it would be updated twice per step, differently on each path
+                raise ValueError(
+                    f"Invalid parameter group: parameters {seen[id(p)]} and {i} are the same tensor; "
+                    f"{type(self).__name__} takes each tensor once"
+                )
+            seen[id(p)] = i
 
     @staticmethod
     def _resolve_group(group: dict, defaults: dict) -> dict:
@@ -194,7 +226,8 @@ class LayerwiseOptimizer(Optimizer):
         if self.fused and not available:
             raise RuntimeError(
                 f"{type(self).__name__}(fused=True): no fused backend for tensors of "
-                f"{sorted({(str(x.device), str(x.dtype)) for x in xs})}; use fused=None to fall back"
+                f"{sorted({(str(x.device), str(x.dtype)) for x in xs})}: {fused_unavailable_reason(xs)}; "
+                "use fused=None to fall back"
             )
         return available
 

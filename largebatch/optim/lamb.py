@@ -109,9 +109,11 @@ class Lamb(LayerwiseOptimizer):
             "none": no check (fastest; a non-finite gradient then corrupts the state). With
             ``max_grad_norm`` the global norm is computed anyway and is a check at no cost: a
             non-finite norm skips the whole step under every policy, counted in ``skipped_steps``.
-        foreach: True/None for the multi-tensor path, False for the single-tensor reference path.
-        fused: None (default) uses the fused backend where it supports the tensors, else foreach;
-            True requires it; False never uses it.
+        foreach: False selects the single-tensor reference path (and no fused backend); True or
+            None (default) allow the multi-tensor path, which runs where the fused backend does not
+            (``fused=False``, or tensors it cannot take).
+        fused: None (default) uses the fused backend where it supports the tensors, else the
+            multi-tensor path; True requires it; False never uses it.
         master_weights: keep a float32 copy of 16-bit parameters in the state and update that
             (saved in the state dict, so it survives checkpoints). Moments of 16-bit parameters
             are float32 in any case; float32/float64 parameters keep state in their own dtype.

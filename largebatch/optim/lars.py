@@ -162,6 +162,7 @@ class Lars(LayerwiseOptimizer):
 
     @staticmethod
     def _check_group(group: dict) -> None:
+        check_choice("mode", group["mode"], LARS_MODES)  # first: eps and trust_coefficient default by mode
         check_nonneg("learning rate", group["lr"])
         check_nonneg("weight_decay", group["weight_decay"])
         check_nonneg("epsilon", group["eps"])
@@ -169,7 +170,6 @@ class Lars(LayerwiseOptimizer):
         m = group["momentum"]
         if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0.0 <= m < 1.0:
             raise ValueError(f"Invalid momentum value: {m!r}; it must be in [0, 1)")
-        check_choice("mode", group["mode"], LARS_MODES)
         check_phi(group["phi"])
         if group["phi"] is not None and group["mode"] != "paper":
             raise ValueError(f"Invalid phi: {group['phi']!r} with mode='classic'; phi bounds exist only in mode='paper'")
