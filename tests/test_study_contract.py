@@ -172,3 +172,12 @@ def test_demo_plot_shows_short_runs_and_names_its_command(tmp_path, monkeypatch)
     assert text.endswith(f"\n\nTable and accuracy.png written by `largebatch demo --out-dir {out} --base-batch 16 --scale 4 "
                          f"--epochs 1 --train-subset 512`.\n")  # fmt: skip
     assert (out / "accuracy.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", 7])
+def test_a_sweep_name_that_is_no_plain_file_name_is_refused(name):
+    d = {"name": name, "task": "mnist-lenet", "batch_sizes": [32], "optimizers": [{"name": "sgd", "lr": 0.1}]}
+    with pytest.raises(ValueError, match="name must be letters, digits"):
+        SweepSpec.from_dict(d)
+    d["name"] = "mnist-scaling_10ep.v2"
+    assert SweepSpec.from_dict(d).name == "mnist-scaling_10ep.v2"

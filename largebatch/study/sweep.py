@@ -53,6 +53,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -230,6 +231,9 @@ class SweepSpec:
         for k in ("name", "task", "batch_sizes", "optimizers"):
             if k not in d:
                 raise ValueError(f"the sweep config needs {k!r}")
+        if not isinstance(d["name"], str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", d["name"]):
+            # the name becomes a file name (runs/NAME.sqlite, NAME-*.png): nothing that leaves its folder
+            raise ValueError(f"name must be letters, digits, '.', '_' or '-' (not first), got {d['name']!r}")
         batch_sizes = _ints("batch_sizes", d["batch_sizes"], 1)
         if not isinstance(d["optimizers"], list) or not d["optimizers"] or not all(isinstance(o, dict) for o in d["optimizers"]):
             raise ValueError(f"optimizers must be a non-empty list of [[optimizers]] tables, got {d['optimizers']!r}")
