@@ -151,3 +151,14 @@ def test_a_run_on_a_gpu_resumes(tmp_path, mnist):
     assert fit(TrainConfig(**kw, max_steps=2), task=mnist).status == "stopped"
     res = fit(TrainConfig(**kw), task=mnist)
     assert res.status == "finished" and res.steps == 5
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("log_every", 2.5, "an integer >= 0"), ("eval_every", "10", "an integer >= 0"), ("checkpoint_every", True, "an integer >= 0"),
+    ("checkpoint_every", -1, "an integer >= 0"), ("max_micro_batch", 0, "a positive integer"),
+    ("max_micro_batch", 64.0, "a positive integer"), ("diverge_patience", 0, "a positive integer"),
+])  # fmt: skip
+def test_step_counts_of_the_config_must_be_integers(name, value, allowed):
+    """A float or a string here failed later (a modulo of the step, a slice) or never (patience 0)."""
+    with pytest.raises(ValueError, match=rf"Invalid {name}: {value!r}; it must be {allowed}"):
+        TrainConfig(task="mnist-lenet", batch_size=64, epochs=1, lr=0.01, **{name: value}).validate()

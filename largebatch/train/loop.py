@@ -96,8 +96,10 @@ class TrainConfig:
             raise ValueError(f"Invalid batch_size: {self.batch_size!r}; it must be a positive integer")
         if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int) or self.micro_batch_size <= 0):
             raise ValueError(f"Invalid micro_batch_size: {self.micro_batch_size!r}; it must be None (auto) or a positive integer")
-        if self.max_micro_batch <= 0:
-            raise ValueError(f"Invalid max_micro_batch: {self.max_micro_batch!r}; it must be a positive integer")
+        for name in ("max_micro_batch", "diverge_patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Invalid {name}: {v!r}; it must be a positive integer")
         if not self.epochs > 0:
             raise ValueError(f"Invalid epochs: {self.epochs!r}; it must be > 0")
         if self.precision not in PRECISIONS:
@@ -111,8 +113,9 @@ class TrainConfig:
             # checked here: the final evaluation comes after the last step, before the last checkpoint
             raise ValueError(f"Invalid eval_batch_size: {self.eval_batch_size!r}; it must be a positive integer")
         for name in ("eval_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be >= 0 (0 = off)")
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"Invalid {name}: {v!r}; it must be an integer >= 0 (0 = off)")
         if self.lr is not None and not _finite_number(self.lr, low=0, low_open=True):
             raise ValueError(f"Invalid lr: {self.lr!r}; it must be a finite number > 0, or None (derived from base_lr by the recipe)")
         if self.base_batch is not None and (not isinstance(self.base_batch, int) or isinstance(self.base_batch, bool) or self.base_batch < 1):
